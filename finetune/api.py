@@ -1,0 +1,138 @@
+"""The plugin contract: everything a task or method plugin author needs, on one screen.
+
+A plugin is a class, registered under an entry point:
+
+    [project.entry-points."finetune.tasks"]
+    my-task = "my_package.task:MyTask"
+
+    [project.entry-points."finetune.methods"]
+    my-method = "my_package.method:MyMethod"
+
+The core creates one instance per run, passing the plugin's validated `Options`, and calls
+the members below in this order. A task knows its data, its model and its loss; a method
+knows how to make a model trainable. Neither knows the other's internals: a method sees a
+`TaskModel`, which names the head modules and the default LoRA targets.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+    from datasets import DatasetDict
+
+
+@dataclass
+class TaskModel:
+    """What a task builds: the model and the facts a method needs about it."""
+
+    model: torch.nn.Module
+    head: list[str]
+    """Qualified names of the modules that are new for this task (a classifier): always trained and saved."""
+    lora_targets: list[str]
+    """Default module names for LoRA when the recipe names none."""
+    processor: Any = None
+    """Tokenizer or image transform, saved beside the model."""
+    peft_task_type: str | None = None
+    """peft TaskType (e.g. SEQ_CLS) so that peft's Auto classes can reload the adapter."""
+
+
+@dataclass
+class CardInfo:
+    """What a task contributes to the model card."""
+
+    pipeline_tag: str
+    library_name: str
+    usage: str
+    """A Python snippet that loads exactly the saved artifact with the ecosystem's own API."""
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Task(Protocol):
+    Options: ClassVar[type[BaseModel]]
+    """Pydantic model of the recipe's `task.options` (use extra="forbid")."""
+    methods: ClassVar[tuple[str, ...] | None]
+    """Method names this task supports; None for all."""
+    default_metrics: ClassVar[list[str]]
+    """Metrics used when the recipe's `eval.metrics` is unset."""
+    stratify_column: ClassVar[str | None]
+    """Column to stratify on when an eval split is carved from train (None: plain random)."""
+
+    def __init__(self, options: BaseModel) -> None: ...
+
+    def prepare_data(self, splits: DatasetDict) -> DatasetDict:
+        """Check and normalise raw splits (columns, labels) before any model is loaded.
+
+        Raise finetune.errors.DataError with a message naming the column or file on bad data."""
+
+    def build_model(self, source: str, revision: str | None) -> TaskModel:
+        """Load the pretrained backbone from `source` (Hub id or local directory) and add the task's head."""
+
+    def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
+        """Turn examples into model inputs (tokenise, transform); cached by `datasets` where possible."""
+
+    def collate(self, examples: list[dict]) -> dict:
+        """Make a batch of tensors from preprocessed examples."""
+
+    def training_step(self, model: torch.nn.Module, batch: dict) -> dict:
+        """Forward pass; return a dict holding at least `loss`."""
+
+    def eval_step(self, model: torch.nn.Module, batch: dict) -> dict:
+        """Forward pass without gradients; return `loss` and, to compute metrics, `predictions` and `references`."""
+
+    def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
+        """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its processor."""
+
+    def card(self, *, model_path: str, adapter: bool) -> CardInfo:
+        """Metadata and a usage snippet that loads the artifact saved at `model_path`."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    Options: ClassVar[type[BaseModel]]
+    """Pydantic model of the recipe's `method.options`."""
+    produces_adapter: ClassVar[bool]
+    """True when the saved artifact is an adapter on top of the base model (then `merge` is called for merged exports)."""
+
+    def __init__(self, options: BaseModel) -> None: ...
+
+    def prepare(self, task_model: TaskModel) -> torch.nn.Module:
+        """Make the model trainable this method's way; return the module to train."""
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Fold an adapter into its base model (adapter methods only)."""
+
+
+_CONTRACTS = {"task": Task, "method": Method}
+
+
+def check_plugin(plugin: Any, kind: str) -> list[str]:
+    """Every way `plugin` falls short of the contract for `kind`, all at once (empty when it conforms)."""
+    contract = _CONTRACTS[kind]
+    if not inspect.isclass(plugin):
+        return [f"the entry point must name a class, not {type(plugin).__name__} {plugin!r}"]
+    problems = []
+    for member in _members(contract):
+        if not hasattr(plugin, member):
+            problems.append(f"missing member '{member}'")
+        elif inspect.isfunction(vars(contract).get(member)) and not callable(getattr(plugin, member)):
+            problems.append(f"'{member}' must be a method")
+    options = getattr(plugin, "Options", None)
+    if options is not None and not (inspect.isclass(options) and issubclass(options, BaseModel)):
+        problems.append("'Options' must be a pydantic BaseModel subclass")
+    return problems
+
+
+def _members(contract) -> list[str]:
+    names = [n for n in contract.__annotations__ if not n.startswith("_")]
+    names += [n for n, v in vars(contract).items() if inspect.isfunction(v) and not n.startswith("_")]
+    return names

@@ -1,0 +1,19 @@
+"""Share of positive predictions that are right. Averaged over classes: 'binary' for two classes, 'macro' otherwise, unless `average` is given."""
+
+import evaluate
+from sklearn.metrics import precision_score
+
+from finetune.metrics._classification import default_average, info
+
+
+class Precision(evaluate.Metric):
+    def _info(self):
+        return info(__doc__)
+
+    def _compute(self, predictions, references, average=None, labels=None, pos_label=1, sample_weight=None):
+        average = average or default_average(predictions, references)
+        score = precision_score(
+            references, predictions, average=average, labels=labels, pos_label=pos_label,
+            sample_weight=sample_weight, zero_division=0,
+        )
+        return {"precision": float(score)}

@@ -1,0 +1,146 @@
+"""One run, start to finish: check → data → model → method → train → evaluate → save → card.
+
+Every check that can fail on the user's input (recipe, plugins, data, columns, labels) runs
+before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import plugins
+from finetune.recipe import Recipe
+from finetune.rundir import RunLayout, replace_dir, write_atomic, write_json
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    model_dir: Path
+    card: Path
+    metrics: dict
+    parameters: dict
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
+    from finetune.card import render_card
+    from finetune.data import finish_splits, load_splits
+    from finetune.evaluation import Metrics
+    from finetune.sources import resolve_model_source
+
+    layout = RunLayout(recipe.run_dir)
+    layout.check_startable(resume=resume, overwrite=overwrite)
+    task = plugins.load(plugins.TASKS, recipe.task.name)(recipe.task_options)
+    method = plugins.load(plugins.METHODS, recipe.method.name)(recipe.method_options)
+
+    # Data first: bad columns or labels fail in seconds, before any model is loaded.
+    splits = task.prepare_data(load_splits(recipe))
+    splits = finish_splits(splits, recipe, task.stratify_column)
+    metrics = Metrics(recipe.eval.metrics or task.default_metrics)
+    source = resolve_model_source(recipe.model.name, recipe.base_dir)
+
+    accelerator = _accelerator(recipe)
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.train.seed)  # the head's initialisation, dropout, data order
+    task_model = task.build_model(source, recipe.model.revision)
+    model = method.prepare(task_model)
+    parameters = _count_parameters(model)
+    accelerator.print(
+        f"{recipe.method.name}: training {parameters['trainable']:,} of {parameters['total']:,} parameters "
+        f"({100 * parameters['trainable'] / parameters['total']:.2f}%)"
+    )
+    with accelerator.main_process_first():  # the main process tokenises, the others read its cache
+        processed = task.preprocess(splits, task_model)
+
+    if accelerator.is_main_process:
+        layout.begin(recipe.to_yaml(), overwrite=overwrite and not resume)
+    accelerator.wait_for_everyone()
+
+    from finetune.training.loop import evaluate, train
+
+    started = time.perf_counter()
+    model, eval_dl, state = train(
+        accelerator, model, task, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume
+    )
+    train_seconds = time.perf_counter() - started
+
+    final = {"eval": evaluate(accelerator, model, task, eval_dl, metrics)}
+    if "test" in processed:
+        test_dl = accelerator.prepare(_loader(processed["test"], recipe, task))
+        final["test"] = evaluate(accelerator, model, task, test_dl, metrics)
+
+    summary = {
+        "metrics": {split: result["metrics"] for split, result in final.items()},
+        "parameters": parameters,
+        "split_sizes": {split: len(data) for split, data in splits.items()},
+        "steps": state["step"],
+        "stopped_early": state["stopped_early"],
+        "train_seconds": round(train_seconds, 1),
+        "history": state["history"],
+        "world_size": accelerator.num_processes,
+    }
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1:
+        summary["rank_checksums"] = _rank_checksums(accelerator, unwrapped)
+
+    if accelerator.is_main_process:
+        _save_model(task, method, unwrapped, layout, recipe.output.merged)
+        write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
+        write_json(layout.metrics, summary)
+        info = task.card(model_path=str(layout.model.resolve()), adapter=method.produces_adapter)
+        write_atomic(layout.card, render_card(recipe, info, summary))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return RunSummary(layout.root, layout.model, layout.card, summary["metrics"], parameters)
+
+
+def _accelerator(recipe: Recipe):
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    from finetune.errors import FinetuneError
+
+    try:
+        return Accelerator(
+            mixed_precision=recipe.train.mixed_precision,
+            gradient_accumulation_steps=recipe.train.grad_accum_steps,
+            cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1",
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise FinetuneError(f"train.mixed_precision: {exc}") from None
+
+
+def _loader(dataset, recipe: Recipe, task):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate)
+
+
+def _save_model(task, method, model, layout: RunLayout, merged: bool) -> None:
+    """Write the model into a temporary folder and move it into place once complete."""
+    tmp = layout.root / ".model.tmp"
+    task.save(model, tmp, adapter=method.produces_adapter)
+    replace_dir(tmp, layout.model)
+    if merged and method.produces_adapter:
+        tmp = layout.root / ".model-merged.tmp"
+        task.save(method.merge(model), tmp, adapter=False)
+        replace_dir(tmp, layout.merged)
+
+
+def _count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}
+
+
+def _rank_checksums(accelerator, model) -> list[float]:
+    """A checksum of every parameter on each rank: equal when gradients were really synchronised."""
+    import torch
+
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    return accelerator.gather(checksum.to(accelerator.device)).tolist()

@@ -1,0 +1,276 @@
+"""The recipe: one YAML file that says what to fine-tune, on what, how, and where to write it.
+
+Every key is declared and documented here, once. Unknown keys are errors (with a "did you
+mean"), and all problems of a recipe are reported together, each with its key path and line.
+Task- and method-specific `options` are validated by the plugin's own `Options` model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from finetune.errors import RecipeError
+from finetune.recipe_errors import describe_validation_error, line_index
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TaskSection(Section):
+    name: str = Field(description="Task plugin name, from the `finetune.tasks` entry points (e.g. text-classification).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the task plugin, checked by its own schema.")
+
+
+class MethodSection(Section):
+    name: str = Field(description="Method plugin name, from the `finetune.methods` entry points: feature-extraction, full, lora.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the method plugin, checked by its own schema.")
+
+
+class ModelSection(Section):
+    name: str = Field(
+        description="The pretrained backbone: a Hub id (distilbert-base-uncased), a local directory "
+        "(relative to the recipe's folder), or `package:PKG/SUBDIR` for a model shipped inside an "
+        "installed Python package."
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
+
+
+class DataSection(Section):
+    path: str | None = Field(None, description="Hub dataset id (nyu-mll/glue) or a `datasets` builder name; omit when `files` is given.")
+    config: str | None = Field(None, description="Dataset configuration name (sst2).")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
+    files: dict[str, str] | None = Field(
+        None, description="Local csv/json/jsonl/parquet files per split ({train: a.csv, test: b.csv}), relative to the recipe's folder."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename dataset columns to the names the task expects ({sentence: text})."
+    )
+    train_split: str = Field("train", description="Split to train on.")
+    eval_split: str | None = Field("validation", description="Split to evaluate on during training; carved from train when the dataset has none.")
+    test_split: str | None = Field("test", description="Split for a final held-out evaluation; skipped when the dataset has none.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train carved (stratified, seeded) as the eval split when none exists.")
+    max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples (a seeded random subset), for quick runs.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval and test examples.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if not self.path and not self.files:
+            raise ValueError("give either `path` (a Hub dataset) or `files` (local files per split)")
+        if self.path and self.files:
+            raise ValueError("give either `path` or `files`, not both")
+        return self
+
+
+class EarlyStopping(Section):
+    metric: str = Field(description="Metric to watch, as named in metrics.json (accuracy, f1, loss).")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
+    mode: Literal["max", "min"] = Field("max", description="Whether a larger or a smaller value is better.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class TrainSection(Section):
+    epochs: int = Field(3, ge=1, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per device per forward pass.")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per device per evaluation forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never applied to biases and normalisation weights.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null disables clipping.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of all steps spent warming up linearly.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision (fp16 needs a GPU).")
+    seed: int = Field(42, description="Seeds data order, initialisation and dropout: the same recipe gives the same run.")
+    log_every_steps: int = Field(10, ge=1, description="Write a line to logs/steps.jsonl every N optimizer steps.")
+
+
+class EvalSection(Section):
+    metrics: list[str] | None = Field(
+        None, description="Metric names (accuracy, f1, precision, recall, matthews_correlation, or a Hub metric); default: the task's."
+    )
+    every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null evaluates at the end of each epoch.")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop when a metric stops improving.")
+
+
+class CheckpointSection(Section):
+    every_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps; null saves after each evaluation.")
+    keep_last: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
+
+
+class OutputSection(Section):
+    dir: str | None = Field(None, description="Run directory, relative to the working directory; default runs/<name>.")
+    merged: bool = Field(False, description="For adapter methods (LoRA), also write the merged model to model-merged/.")
+
+
+class CardSection(Section):
+    license: str | None = Field(None, description="License of the fine-tuned model, for the card (apache-2.0, mit ...).")
+    tags: list[str] = Field(default_factory=list, description="Extra tags for the card.")
+
+
+class Recipe(Section):
+    name: str = Field(description="Name of the run and of the resulting model.")
+    task: TaskSection
+    model: ModelSection
+    data: DataSection
+    method: MethodSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    card: CardSection = Field(default_factory=CardSection)
+
+    # Where the recipe file lives: relative data and model paths are resolved against it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+    # Validated plugin options, filled in by load_recipe.
+    task_options: Any = Field(default=None, exclude=True)
+    method_options: Any = Field(default=None, exclude=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir or Path("runs") / self.name)
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the recipe, relative to the recipe's folder."""
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` overrides; the value is parsed as a YAML scalar and may contain '='."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+            continue
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"--set {key}: '{part}' is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    if problems:
+        raise RecipeError(problems, "the command line")
+    return raw
+
+
+def read_recipe_file(path: Path) -> tuple[dict, dict]:
+    """Parse YAML safely; return the mapping and a key-path → line index for messages."""
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path}"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        lines = line_index(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"not valid YAML: {exc}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(["the recipe must be a mapping of sections (task, model, data, method, ...)"], str(path))
+    return raw, lines
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override, and validate a recipe, including its plugins' options.
+
+    Raises RecipeError listing every problem found, each with its key path.
+    """
+    from finetune import plugins
+
+    path = Path(path)
+    raw, lines = read_recipe_file(path)
+    raw = apply_overrides(raw, list(overrides))
+    problems: list[str] = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate({**raw, "base_dir": path.resolve().parent})
+    except Exception as exc:  # pydantic.ValidationError; imported lazily
+        problems += describe_validation_error(exc, Recipe, lines)
+
+    # Plugin names and options are checked even when other sections have problems.
+    for kind, group in (("task", plugins.TASKS), ("method", plugins.METHODS)):
+        section = raw.get(kind)
+        if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+            continue
+        try:
+            plugin = plugins.load(group, section["name"])
+        except Exception as exc:  # PluginError
+            problems.append(f"{kind}.name: {exc}" + _at(lines, (kind, "name")))
+            continue
+        try:
+            options = plugin.Options.model_validate(section.get("options") or {})
+        except Exception as exc:
+            problems += describe_validation_error(exc, plugin.Options, lines, prefix=(kind, "options"))
+            continue
+        if recipe is not None:
+            setattr(recipe, f"{kind}_options", options)
+
+    if recipe is not None:
+        problems += cross_checks(recipe, lines)
+    if problems:
+        raise RecipeError(problems, str(path))
+    return recipe
+
+
+def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
+    """Checks that need several sections or the file system: plugins agree, data files exist."""
+    from finetune import plugins
+
+    problems = []
+    try:
+        task_cls = plugins.load(plugins.TASKS, recipe.task.name)
+        supported = getattr(task_cls, "methods", None)
+        if supported is not None and recipe.method.name not in supported:
+            problems.append(
+                f"method.name: the task '{recipe.task.name}' does not support the method '{recipe.method.name}'; "
+                f"it supports: {', '.join(supported)}" + _at(lines, ("method", "name"))
+            )
+    except Exception:
+        pass  # already reported
+    for split, file in (recipe.data.files or {}).items():
+        resolved = recipe.resolve(file)
+        if not resolved.is_file():
+            problems.append(f"data.files.{split}: file not found: {resolved}" + _at(lines, ("data", "files", split)))
+        elif resolved.suffix.lower() not in DATA_FORMATS:
+            problems.append(
+                f"data.files.{split}: cannot read '{resolved.suffix}' files; use one of {', '.join(sorted(DATA_FORMATS))}"
+                + _at(lines, ("data", "files", split))
+            )
+    if recipe.data.files is not None and recipe.data.train_split not in recipe.data.files:
+        problems.append(
+            f"data.files: no file for the train split '{recipe.data.train_split}'; "
+            f"add data.files.{recipe.data.train_split} or set data.train_split to one of {sorted(recipe.data.files)}"
+        )
+    stop = recipe.eval.early_stopping
+    metrics = recipe.eval.metrics
+    if stop is not None and metrics is not None and stop.metric not in [*metrics, "loss"]:
+        problems.append(
+            f"eval.early_stopping.metric: '{stop.metric}' is not computed; choose one of {[*metrics, 'loss']}"
+            + _at(lines, ("eval", "early_stopping", "metric"))
+        )
+    return problems
+
+
+# Local file suffix → `datasets` builder.
+DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _at(lines: dict, path: tuple) -> str:
+    line = lines.get(tuple(path))
+    return f" (line {line})" if line else ""

@@ -1,0 +1,77 @@
+"""The run directory: where every output of a run lives, and the rules for (re)using one.
+
+    runs/<name>/
+      recipe.yaml        the resolved recipe (overrides applied, defaults filled in)
+      logs/steps.jsonl   one JSON line per logged step and per evaluation
+      checkpoints/       step-N/ folders (model, optimizer, scheduler, RNG, data position)
+      model/             the final model, in its ecosystem's format
+      model-merged/      LoRA runs with output.merged: the adapter folded into the base model
+      metrics.json       final metrics per split, trainable/total parameters, timings
+      predictions.json   final predictions and references per split
+      README.md          the model card
+
+Nothing is written until the recipe, plugins and data have been checked: bad input leaves an
+existing run directory as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+from finetune.training.checkpoint import latest_checkpoint
+
+
+class RunLayout:
+    def __init__(self, root: Path):
+        self.root = root
+        self.recipe = root / "recipe.yaml"
+        self.steplog = root / "logs" / "steps.jsonl"
+        self.checkpoints = root / "checkpoints"
+        self.model = root / "model"
+        self.merged = root / "model-merged"
+        self.metrics = root / "metrics.json"
+        self.predictions = root / "predictions.json"
+        self.card = root / "README.md"
+
+    def check_startable(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse to clobber a previous run by accident; raise before anything is written."""
+        exists = self.root.is_dir() and any(self.root.iterdir())
+        if resume:
+            if latest_checkpoint(self.checkpoints) is None:
+                raise FinetuneError(
+                    f"--resume: there is no complete checkpoint in {self.checkpoints}. "
+                    "Start the run without --resume (add --overwrite to replace the directory)."
+                )
+        elif exists and not overwrite:
+            raise FinetuneError(
+                f"The run directory {self.root} already holds a run. Continue it with --resume, "
+                "replace it with --overwrite, or choose another with --set output.dir=PATH."
+            )
+
+    def begin(self, recipe_yaml: str, *, overwrite: bool) -> None:
+        if overwrite and self.root.is_dir():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.recipe, recipe_yaml)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

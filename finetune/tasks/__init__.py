@@ -1,0 +1,1 @@
+"""Built-in tasks. Registered in pyproject.toml like any third-party plugin's."""

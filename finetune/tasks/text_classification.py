@@ -1,0 +1,195 @@
+"""Text classification: single texts or text pairs with any transformers encoder that
+supports sequence classification (DistilBERT, BERT, RoBERTa, MiniLM ...).
+
+Columns (rename yours with `data.columns`): `text`, optional `text_pair`, `label`.
+Label names come from the dataset's ClassLabel feature, else from the training data (sorted),
+and are stored as `id2label` / `label2id` in the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.api import CardInfo, TaskModel
+from finetune.errors import DataError, FinetuneError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from datasets import DatasetDict
+
+# peft knows the attention projections of most encoders; these are the ones it lacks.
+_EXTRA_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+
+
+class TextClassificationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_length: int = Field(128, ge=8, description="Truncate inputs to this many tokens.")
+
+
+class TextClassification:
+    Options = TextClassificationOptions
+    methods = None  # every method applies
+    default_metrics = ["accuracy", "f1"]
+    stratify_column = "label"
+
+    def __init__(self, options: TextClassificationOptions):
+        self.options = options
+        self.labels: list[str] = []
+        self.tokenizer = None
+        self._collator = None
+
+    # -- data -----------------------------------------------------------------------------
+    def prepare_data(self, splits: DatasetDict) -> DatasetDict:
+        from datasets import ClassLabel, Value
+
+        for role, split in splits.items():
+            for column in ("text", "label"):
+                if column not in split.column_names:
+                    raise DataError(
+                        f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
+                        f"Map yours with data.columns, e.g. data.columns: {{your_column: {column}}}."
+                    )
+        feature = splits["train"].features["label"]
+        if isinstance(feature, ClassLabel):
+            self.labels = list(feature.names)
+        else:
+            self.labels = sorted({str(v) for v in splits["train"]["label"]})
+            for role in splits:
+                try:
+                    splits[role] = splits[role].cast_column("label", Value("string"))
+                    splits[role] = splits[role].cast_column("label", ClassLabel(names=self.labels))
+                except ValueError as exc:
+                    raise DataError(
+                        f"The {role} split has a label that the train split lacks ({exc}); "
+                        f"train labels are {self.labels}."
+                    ) from None
+        for role in list(splits):
+            # Unlabelled rows are marked -1 (GLUE's test splits): they cannot be scored.
+            labelled = splits[role].filter(lambda batch: [v >= 0 for v in batch["label"]], batched=True)
+            if len(labelled) == 0 and role != "train":
+                del splits[role]
+            else:
+                splits[role] = labelled
+        present = sorted(set(splits["train"]["label"]))
+        if len(present) < 2:
+            only = self.labels[present[0]] if present else "none"
+            raise DataError(
+                f"The label column 'label' has only one class ({only!r}) in the train split; "
+                "a classifier needs examples of at least two classes."
+            )
+        return splits
+
+    # -- model ----------------------------------------------------------------------------
+    def build_model(self, source: str, revision: str | None) -> TaskModel:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                revision=revision,
+                num_labels=len(self.labels),
+                id2label=dict(enumerate(self.labels)),
+                label2id={name: i for i, name in enumerate(self.labels)},
+                ignore_mismatched_sizes=True,  # a checkpoint that already has a head of another size
+                output_loading_info=True,
+            )
+        except Exception as exc:
+            raise FinetuneError(
+                f"model.name: could not load '{source}' for sequence classification: {type(exc).__name__}: {exc}"
+            ) from None
+        model_type = model.config.model_type
+        targets = _EXTRA_LORA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type) or []
+        return TaskModel(
+            model=model,
+            head=_head_modules(model, info),
+            lora_targets=list(targets),
+            processor=self.tokenizer,
+            peft_task_type="SEQ_CLS",
+        )
+
+    def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
+        from transformers import DataCollatorWithPadding
+
+        tokenizer = task_model.processor
+        max_length = self.options.max_length
+        has_pair = "text_pair" in splits["train"].column_names
+
+        def tokenize(batch):
+            pair = batch["text_pair"] if has_pair else None
+            encoded = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+            encoded["labels"] = batch["label"]
+            return encoded
+
+        self._collator = DataCollatorWithPadding(tokenizer)  # pads each batch to its longest example
+        return splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="Tokenizing")
+
+    def collate(self, examples: list[dict]) -> dict:
+        return self._collator(examples)
+
+    # -- steps ----------------------------------------------------------------------------
+    def training_step(self, model, batch: dict) -> dict:
+        return {"loss": model(**batch).loss}
+
+    def eval_step(self, model, batch: dict) -> dict:
+        out = model(**batch)
+        return {"loss": out.loss, "predictions": out.logits.argmax(dim=-1), "references": batch["labels"]}
+
+    # -- artifacts ------------------------------------------------------------------------
+    def save(self, model, directory: Path, *, adapter: bool) -> None:
+        model.save_pretrained(directory)  # a PEFT adapter (with the head) or a full model
+        self.tokenizer.save_pretrained(directory)
+
+    def card(self, *, model_path: str, adapter: bool) -> CardInfo:
+        example = "This was a wonderful experience."
+        if adapter:
+            id2label = json.dumps(dict(enumerate(self.labels)))
+            usage = f"""\
+import torch
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+
+id2label = {{int(k): v for k, v in {id2label}.items()}}
+model = AutoPeftModelForSequenceClassification.from_pretrained(
+    "{model_path}", num_labels={len(self.labels)}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
+)
+tokenizer = AutoTokenizer.from_pretrained("{model_path}")
+inputs = tokenizer(["{example}"], return_tensors="pt")
+with torch.no_grad():
+    print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])
+"""
+        else:
+            usage = f"""\
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="{model_path}")
+print(classifier("{example}"))
+"""
+        return CardInfo(
+            pipeline_tag="text-classification",
+            library_name="peft" if adapter else "transformers",
+            usage=usage,
+            description=f"classifies text into {len(self.labels)} classes: {', '.join(self.labels)}",
+        )
+
+
+def _head_modules(model, loading_info: dict) -> list[str]:
+    """The task head: every top-level module outside the pretrained backbone, plus any module
+    whose weights were newly initialised (a frozen random layer would silently hurt)."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    head = [
+        name
+        for name, child in model.named_children()
+        if child is not backbone and any(True for _ in child.parameters())
+    ]
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys", [])]
+    for key in [*loading_info.get("missing_keys", []), *mismatched]:
+        module = key.rsplit(".", 1)[0]
+        if not any(module == h or module.startswith(h + ".") for h in head):
+            head.append(module)
+    return head

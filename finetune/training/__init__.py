@@ -1,0 +1,1 @@
+"""Training on accelerate: the loop, its optimizer, checkpoints and step log."""

@@ -1,0 +1,52 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint is written into a hidden `.tmp-step-N` folder and renamed to `step-N` only once
+every file is in place: a crash mid-write leaves a temporary folder that resume ignores (and
+the next save clears), never a `step-N` that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(accelerator, directory: Path, step: int, state: dict, keep_last: int) -> Path:
+    final = directory / f"step-{step:08d}"
+    tmp = directory / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the commit point: atomic on POSIX
+        for old in list_checkpoints(directory)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict:
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / STATE_FILE).read_text())

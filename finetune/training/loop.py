@@ -1,0 +1,160 @@
+"""The training loop: one flat loop for every task, on accelerate.
+
+Read it top to bottom: build the data loaders and the optimizer, restore a checkpoint if
+resuming, then step through epochs; log, evaluate, checkpoint and maybe stop early on the
+schedule the recipe gives. The task supplies only `training_step`, `eval_step` and `collate`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from finetune.recipe import Recipe
+from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.training.optim import build_optimizer, build_scheduler
+from finetune.training.steplog import StepLog
+
+
+def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path, resume: bool):
+    """Train `model` in place; return (prepared model, prepared eval loader, final trainer state)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    t, ev, ck = recipe.train, recipe.eval, recipe.checkpoint
+    # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
+    train_dl = DataLoader(
+        splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
+        generator=torch.Generator().manual_seed(t.seed),
+    )
+    eval_dl = DataLoader(splits["eval"], batch_size=t.eval_batch_size, collate_fn=task.collate)
+    train_dl, eval_dl = accelerator.prepare(train_dl, eval_dl)
+
+    steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, total_steps, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best": None, "bad_evals": 0, "history": [], "stopped_early": False}
+    if resume:
+        checkpoint = latest_checkpoint(checkpoints)
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"Resuming from {checkpoint} (step {state['step']} of {total_steps})")
+
+    log = StepLog(steplog, accelerator.is_main_process)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="Training", unit="step", disable=not accelerator.is_main_process)
+    window = _Window()
+    model.train()
+    done = state["step"] >= total_steps or state["stopped_early"]
+    for epoch in range(state["epoch"], epochs):
+        if done:
+            break
+        train_dl.set_epoch(epoch)  # the seedable sampler reshuffles per epoch, identically on every rank
+        skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        state["epoch"], state["batches_in_epoch"] = epoch, skip
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = task.training_step(model, batch)["loss"]
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            window.add(loss, _batch_size(batch) * accelerator.num_processes)
+            if not accelerator.sync_gradients:
+                continue  # still accumulating
+
+            state["step"] += 1
+            step = state["step"]
+            bar.update(1)
+            end_of_epoch = state["batches_in_epoch"] >= len(train_dl)
+            if step % t.log_every_steps == 0 or step == total_steps:
+                record = window.flush(accelerator, step, epoch + state["batches_in_epoch"] / len(train_dl))
+                record["lr"] = scheduler.get_last_lr()[0]
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
+
+            evaluated = (ev.every_steps and step % ev.every_steps == 0) or (not ev.every_steps and end_of_epoch) or step == total_steps
+            if evaluated:
+                results = evaluate(accelerator, model, task, eval_dl, metrics)["metrics"]
+                state["history"].append({"step": step, "epoch": epoch + 1 if end_of_epoch else epoch, **results})
+                log.write({"step": step, "eval": results})
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+                _update_early_stopping(state, results, ev.early_stopping)
+
+            if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated):
+                position = {"epoch": epoch + 1, "batches_in_epoch": 0} if end_of_epoch else {}
+                save_checkpoint(accelerator, checkpoints, step, {**state, **position}, ck.keep_last)
+
+            if step >= total_steps or state["stopped_early"]:
+                done = True
+                break
+    bar.close()
+    log.close()
+    return model, eval_dl, state
+
+
+def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
+    """Mean loss and metrics over `dataloader`, gathered from every process; also the predictions."""
+    import torch
+
+    model.eval()
+    losses, predictions, references = [], [], []
+    with torch.no_grad():
+        for batch in dataloader:
+            out = task.eval_step(model, batch)
+            losses.append(accelerator.gather(out["loss"].detach().float().reshape(1)).mean())
+            if "predictions" in out:
+                preds, refs = accelerator.gather_for_metrics((out["predictions"], out["references"]))
+                predictions += preds.tolist()
+                references += refs.tolist()
+    model.train()
+    results = {"loss": float(torch.stack(losses).mean())}
+    if predictions:
+        results.update(metrics.compute(predictions, references))
+    return {"metrics": results, "predictions": predictions, "references": references}
+
+
+def _update_early_stopping(state: dict, results: dict, rule) -> None:
+    if rule is None:
+        return
+    value, best = results[rule.metric], state["best"]
+    better = best is None or (value > best + rule.min_delta if rule.mode == "max" else value < best - rule.min_delta)
+    if better:
+        state["best"], state["bad_evals"] = value, 0
+    else:
+        state["bad_evals"] += 1
+        state["stopped_early"] = state["bad_evals"] >= rule.patience
+
+
+def _batch_size(batch: dict) -> int:
+    return len(next(iter(batch.values())))
+
+
+class _Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.start, self.loss, self.batches, self.examples = time.perf_counter(), 0.0, 0, 0
+
+    def add(self, loss, examples: int) -> None:
+        self.loss += loss.detach().float()
+        self.batches += 1
+        self.examples += examples
+
+    def flush(self, accelerator, step: int, epoch: float) -> dict:
+        mean_loss = accelerator.reduce(self.loss / self.batches, reduction="mean")
+        elapsed = time.perf_counter() - self.start
+        record = {"step": step, "epoch": round(epoch, 4), "loss": float(mean_loss), "examples_per_s": self.examples / elapsed}
+        self.__init__()
+        return record
