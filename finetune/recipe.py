@@ -7,6 +7,7 @@ Task- and method-specific `options` are validated by the plugin's own `Options` 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetune.errors import RecipeError
 from finetune.recipe_errors import describe_validation_error, line_index
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads 3e-4 as a number (YAML 1.1 wants 3.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class Section(BaseModel):
@@ -165,7 +179,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 break
             node = child
         else:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+            node[parts[-1]] = parse_yaml(value) if value.strip() else ""
     if problems:
         raise RecipeError(problems, "the command line")
     return raw
@@ -177,7 +191,7 @@ def read_recipe_file(path: Path) -> tuple[dict, dict]:
         raise RecipeError([f"recipe file not found: {path}"])
     text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
         lines = line_index(text)
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], str(path)) from None

@@ -1,0 +1,106 @@
+"""Builders for tests: tiny models, tiny datasets and recipes, offline and in seconds.
+
+Used by finetune's own test suite and meant for plugin authors' suites too. Models are built
+from configs and written with `save_pretrained`, so tests exercise the real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+POSITIVE = ["great", "wonderful", "excellent", "loved", "superb", "fantastic", "delightful", "brilliant"]
+NEGATIVE = ["terrible", "awful", "boring", "hated", "dreadful", "poor", "horrible", "disappointing"]
+FILLER = ["the", "movie", "food", "service", "was", "really", "quite", "very", "and", "staff", "hotel",
+          "book", "plot", "we", "it", "room", "our", "trip", "music", "so"]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def sentiment_examples(n: int, seed: int = 0, labels: tuple[str, str] = ("negative", "positive")) -> list[dict]:
+    """Balanced, shuffled short texts whose label is given by their sentiment words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, rng.randint(3, 6))
+        for _ in range(rng.randint(1, 2)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": labels[label]})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_tokenizer(directory: Path, *, with_token_types: bool):
+    """A WordPiece tokenizer trained on the test vocabulary, saved so AutoTokenizer loads it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = [" ".join(POSITIVE + NEGATIVE + FILLER)] * 4
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=SPECIAL_TOKENS))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"] if with_token_types else ["input_ids", "attention_mask"],
+    )
+    wrapped.save_pretrained(directory)
+    return wrapped
+
+
+def tiny_text_model(directory: Path, model_type: str = "distilbert", seed: int = 0) -> Path:
+    """A randomly initialised 2-layer encoder (no classification head) and its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer(directory, with_token_types=model_type == "bert")
+    torch.manual_seed(seed)
+    if model_type == "distilbert":
+        config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                  max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+        model = DistilBertModel(config)
+    elif model_type == "bert":
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+        model = BertModel(config)
+    else:
+        raise ValueError(f"unknown tiny model type {model_type!r}; use 'distilbert' or 'bert'")
+    model.save_pretrained(directory)
+    return directory
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method: str = "full", **sections) -> dict:
+    """A recipe for a quick text-classification run on `sentiment_examples` files."""
+    recipe = {
+        "name": f"tiny-{method}",
+        "task": {"name": "text-classification", "options": {"max_length": 32}},
+        "model": {"name": str(model_dir)},
+        "data": {"files": {"train": str(data_dir / "train.jsonl"), "test": str(data_dir / "test.jsonl")}},
+        "method": {"name": method},
+        "train": {"epochs": 5, "batch_size": 16, "lr": 5e-3, "log_every_steps": 3, "seed": 7},
+        "output": {"dir": str(run_dir)},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
