@@ -32,8 +32,9 @@ def load(group: str, name: str):
     found = available(group)
     kind = _KIND[group]
     if name not in found:
-        hint = difflib.get_close_matches(name, list(found), n=1)
-        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+        lowered = {n.lower(): n for n in found}
+        hint = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+        suggestion = f" Did you mean '{lowered[hint[0]]}'?" if hint else ""
         installed = ", ".join(sorted(found)) or "none"
         raise PluginError(
             f"unknown {kind} '{name}'.{suggestion} Installed {kind}s: {installed}. "

@@ -90,14 +90,14 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method: str = "full", **sections) -> dict:
+def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str = "full", **sections) -> dict:
     """A recipe for a quick text-classification run on `sentiment_examples` files."""
     recipe = {
-        "name": f"tiny-{method}",
+        "name": f"tiny-{method_name}",
         "task": {"name": "text-classification", "options": {"max_length": 32}},
         "model": {"name": str(model_dir)},
         "data": {"files": {"train": str(data_dir / "train.jsonl"), "test": str(data_dir / "test.jsonl")}},
-        "method": {"name": method},
+        "method": {"name": method_name},
         "train": {"epochs": 5, "batch_size": 16, "lr": 5e-3, "log_every_steps": 3, "seed": 7},
         "output": {"dir": str(run_dir)},
     }

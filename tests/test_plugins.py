@@ -1,0 +1,90 @@
+"""Plugins through entry points: the built-ins, and broken third-party ones reported clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+HALF_TASK = '''
+from pydantic import BaseModel
+
+class HalfTask:
+    """Has options and data preparation, nothing else."""
+    Options = BaseModel
+    def prepare_data(self, splits):
+        return splits
+
+def make_task():
+    return HalfTask
+'''
+
+
+@pytest.fixture
+def broken_site(tmp_path) -> Path:
+    """An installed distribution with four broken task plugins (a dist-info folder on the path)."""
+    site = tmp_path / "site"
+    package = site / "broken_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "half.py").write_text(HALF_TASK)
+    (package / "crash.py").write_text("raise ImportError(\"No module named 'some_missing_dependency'\")\n")
+    info = site / "broken_plugins-1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 1.2\n")
+    (info / "entry_points.txt").write_text(
+        "[finetune.tasks]\n"
+        "half-task = broken_pkg.half:HalfTask\n"
+        "crashing-task = broken_pkg.crash:Task\n"
+        "function-task = broken_pkg.half:make_task\n"
+        "missing-target = broken_pkg.half:NoSuchClass\n"
+    )
+    return site
+
+
+def finetune_cli(*args, site: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site) if site else ""}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_builtins_are_listed_with_their_distribution():
+    out = finetune_cli("plugins")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    for kind, name in [("task", "text-classification"), ("method", "feature-extraction"), ("method", "full"), ("method", "lora")]:
+        assert any(line.split()[:3] == [kind, name, "finetune"] and line.split()[-1] == "ok" for line in lines), out.stdout
+
+
+def test_broken_plugins_are_reported_and_do_not_break_other_commands(broken_site):
+    out = finetune_cli("plugins", site=broken_site)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "task    crashing-task            broken-plugins 1.2        FAILED" in text
+    assert (
+        "the task 'crashing-task' from the distribution 'broken-plugins 1.2' failed to import "
+        "(broken_pkg.crash:Task): ImportError: No module named 'some_missing_dependency'" in text
+    )
+    assert (
+        "the task 'half-task' from the distribution 'broken-plugins 1.2' (broken_pkg.half:HalfTask) does not meet the "
+        "task contract: missing member 'methods'; missing member 'default_metrics'; missing member 'stratify_column'; "
+        "missing member 'build_model'; missing member 'preprocess'; missing member 'collate'; missing member "
+        "'training_step'; missing member 'eval_step'; missing member 'save'; missing member 'card'" in text
+    )
+    assert "the entry point must name a class, not function" in text
+    assert "the task 'missing-target' from the distribution 'broken-plugins 1.2' failed to import" in text
+    assert "AttributeError" in text
+    # The built-ins still load, and a recipe that needs none of the broken plugins still validates.
+    assert "task    text-classification      finetune" in text
+    assert finetune_cli("validate", "recipes/quickstart.yaml", site=broken_site).returncode == 0
+
+
+def test_a_recipe_naming_a_broken_plugin_gets_its_reason(broken_site):
+    out = finetune_cli("validate", "recipes/quickstart.yaml", "--set", "task.name=crashing-task", site=broken_site)
+    assert out.returncode == 1
+    assert "task.name: the task 'crashing-task' from the distribution 'broken-plugins 1.2' failed to import" in out.stderr
+    assert "Traceback" not in out.stderr
