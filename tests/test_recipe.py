@@ -100,3 +100,25 @@ def test_early_stopping_metric_must_be_computed(recipe_file):
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(recipe):
     load_recipe(recipe)
+
+
+def test_readme_documents_every_recipe_key():
+    from finetune.methods.lora import LoraOptions
+    from finetune.recipe import Recipe
+    from finetune.recipe_errors import _model_in
+    from finetune.tasks.text_classification import TextClassificationOptions
+
+    def keys(model, prefix):
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            nested = _model_in(field.annotation)
+            if nested is None or name == "early_stopping":
+                yield prefix + name
+            if nested is not None:
+                yield from keys(nested, f"{prefix}{name}.")
+
+    readme = (REPO / "README.md").read_text()
+    documented = [*keys(Recipe, ""), *keys(TextClassificationOptions, "task.options."), *keys(LoraOptions, "method.options.")]
+    missing = [key for key in documented if f"| `{key}` |" not in readme]
+    assert not missing, f"README lacks rows for {missing}"
