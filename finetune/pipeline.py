@@ -101,9 +101,13 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 def _accelerator(recipe: Recipe):
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
 
     from finetune.errors import FinetuneError
 
+    # accelerate keeps one process-wide state that would pin the first run's precision when a
+    # process runs several recipes (a notebook, the tests); the distributed part is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     try:
         return Accelerator(
             mixed_precision=recipe.train.mixed_precision,

@@ -157,7 +157,13 @@ class Recipe(Section):
         return path if path.is_absolute() else (self.base_dir / path)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe, plugin options included with their defaults."""
+        data = self.model_dump(mode="json")
+        for kind in ("task", "method"):
+            options = getattr(self, f"{kind}_options")
+            if options is not None:
+                data[kind]["options"] = options.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -105,7 +105,8 @@ def test_feature_extraction_leaves_backbone_bit_identical(recipe_file, pretraine
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(recipe_file, tmp_path, monkeypatch):
-    sections = dict(train={"max_steps": 12, "epochs": 1}, eval={"every_steps": 4}, checkpoint={"every_steps": 4})
+    # Accumulation over 2 batches makes the data position after a checkpoint non-trivial to restore.
+    sections = dict(train={"max_steps": 12, "grad_accum_steps": 2}, eval={"every_steps": 4}, checkpoint={"every_steps": 4})
     path, _ = recipe_file("lora", **sections)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert invoke("run", path, "--set", f"output.dir={whole}").exit_code == 0
@@ -181,3 +182,12 @@ def test_two_processes_keep_parameters_identical(recipe_file):
     assert summary["world_size"] == 2
     first, second = summary["rank_checksums"]
     assert first == second
+
+
+def test_bf16_mixed_precision_on_cpu(recipe_file):
+    path, run_dir = recipe_file("lora", train={"mixed_precision": "bf16", "max_steps": 4})
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    recipe_copy = (run_dir / "recipe.yaml").read_text()
+    assert "mixed_precision: bf16" in recipe_copy and "r: 8" in recipe_copy  # resolved, plugin defaults included
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
