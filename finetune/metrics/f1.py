@@ -3,17 +3,12 @@
 import evaluate
 from sklearn.metrics import f1_score
 
-from finetune.metrics._classification import default_average, info
+from finetune.metrics._classification import averaged, info
 
 
 class F1(evaluate.Metric):
     def _info(self):
         return info(__doc__)
 
-    def _compute(self, predictions, references, average=None, labels=None, pos_label=1, sample_weight=None):
-        average = average or default_average(predictions, references)
-        score = f1_score(
-            references, predictions, average=average, labels=labels, pos_label=pos_label,
-            sample_weight=sample_weight, zero_division=0,
-        )
-        return {"f1": float(score)}
+    def _compute(self, predictions, references, **options):
+        return {"f1": averaged(f1_score, predictions, references, **options)}
