@@ -9,6 +9,7 @@ from pathlib import Path
 import finetune
 from finetune.api import CardInfo
 from finetune.recipe import Recipe
+from finetune.sources import PACKAGE_PREFIX
 
 METHOD_TITLES = {
     "full": "a full fine-tune",
@@ -31,7 +32,7 @@ def render_card(recipe: Recipe, info: CardInfo, summary: dict, template: str = "
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     base = recipe.model.name
-    on_hub = "/" in base and not base.startswith(("package:", ".", "/", "~"))
+    on_hub = not base.startswith(PACKAGE_PREFIX) and not recipe.resolve(base).exists()
     dataset_id = recipe.data.path if recipe.data.path else None
     eval_results = [
         EvalResult(
@@ -97,7 +98,8 @@ def _hyperparameters(recipe: Recipe) -> dict:
         "mixed precision": t.mixed_precision,
         "seed": t.seed,
     }
-    values.update({f"{recipe.method.name}.{k}": v for k, v in recipe.method.options.items()})
+    options = recipe.method_options.model_dump() if recipe.method_options is not None else recipe.method.options
+    values.update({f"{recipe.method.name}.{k}": v for k, v in options.items()})
     return values
 
 

@@ -49,6 +49,10 @@ def run(recipe, overrides, resume, overwrite, processes):
 
     loaded = load_recipe(recipe, overrides)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
+        from finetune.rundir import RunLayout
+
+        # Checked once here, so a refusal is one message rather than one per process.
+        RunLayout(loaded.run_dir).check_startable(loaded.to_yaml(), resume=resume, overwrite=overwrite)
         sys.exit(_launch(processes))
 
     from finetune.pipeline import run as run_pipeline

@@ -7,7 +7,6 @@ the Hub. `import evaluate` is slow (~6 s), so this is the only module that impor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -39,9 +38,7 @@ def _load(name: str):
     evaluate.utils.logging.disable_progress_bar()
     path = SHIPPED_DIR / f"{name}.py"
     if path.is_file():
-        # A local module needs no network; without this, evaluate still tries the Hub first.
-        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
-        return evaluate.load(str(path))
+        return evaluate.load(str(path))  # a local module file: no network involved
     try:
         return evaluate.load(name)
     except Exception as exc:

@@ -32,7 +32,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     from finetune.sources import resolve_model_source
 
     layout = RunLayout(recipe.run_dir)
-    layout.check_startable(resume=resume, overwrite=overwrite)
+    layout.check_startable(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     task = plugins.load(plugins.TASKS, recipe.task.name)(recipe.task_options)
     method = plugins.load(plugins.METHODS, recipe.method.name)(recipe.method_options)
 
@@ -57,7 +57,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         processed = task.preprocess(splits, task_model)
 
     if accelerator.is_main_process:
-        layout.begin(recipe.to_yaml(), overwrite=overwrite and not resume)
+        layout.begin(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
 
     from finetune.training.loop import evaluate, train

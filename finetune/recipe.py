@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from finetune.errors import RecipeError
+from finetune.errors import PluginError, RecipeError
 from finetune.recipe_errors import describe_validation_error, line_index
 
 
@@ -141,11 +141,23 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     card: CardSection = Field(default_factory=CardSection)
 
-    # Where the recipe file lives: relative data and model paths are resolved against it.
-    base_dir: Path = Field(default=Path("."), exclude=True)
-    # Validated plugin options, filled in by load_recipe.
-    task_options: Any = Field(default=None, exclude=True)
-    method_options: Any = Field(default=None, exclude=True)
+    # Where the recipe file lives (relative data and model paths are resolved against it), and
+    # the plugins' validated options: set by load_recipe, never read from the file.
+    _base_dir: Path = PrivateAttr(default=Path("."))
+    _task_options: Any = PrivateAttr(default=None)
+    _method_options: Any = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def task_options(self):
+        return self._task_options
+
+    @property
+    def method_options(self):
+        return self._method_options
 
     @property
     def run_dir(self) -> Path:
@@ -185,7 +197,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 break
             node = child
         else:
-            node[parts[-1]] = parse_yaml(value) if value.strip() else ""
+            try:
+                node[parts[-1]] = parse_yaml(value) if value.strip() else ""
+            except yaml.YAMLError as exc:
+                problems.append(f"--set {key}: the value {value!r} is not valid YAML ({exc.problem}); quote it")
     if problems:
         raise RecipeError(problems, "the command line")
     return raw
@@ -195,7 +210,10 @@ def read_recipe_file(path: Path) -> tuple[dict, dict]:
     """Parse YAML safely; return the mapping and a key-path → line index for messages."""
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})"], str(path)) from None
     try:
         raw = parse_yaml(text)
         lines = line_index(text)
@@ -219,7 +237,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     problems: list[str] = []
     recipe = None
     try:
-        recipe = Recipe.model_validate({**raw, "base_dir": path.resolve().parent})
+        recipe = Recipe.model_validate(raw)
+        recipe._base_dir = path.resolve().parent
     except Exception as exc:  # pydantic.ValidationError; imported lazily
         problems += describe_validation_error(exc, Recipe, lines)
 
@@ -239,7 +258,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             problems += describe_validation_error(exc, plugin.Options, lines, prefix=(kind, "options"))
             continue
         if recipe is not None:
-            setattr(recipe, f"{kind}_options", options)
+            setattr(recipe, f"_{kind}_options", options)
 
     if recipe is not None:
         problems += cross_checks(recipe, lines)
@@ -255,14 +274,14 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
     problems = []
     try:
         task_cls = plugins.load(plugins.TASKS, recipe.task.name)
-        supported = getattr(task_cls, "methods", None)
-        if supported is not None and recipe.method.name not in supported:
-            problems.append(
-                f"method.name: the task '{recipe.task.name}' does not support the method '{recipe.method.name}'; "
-                f"it supports: {', '.join(supported)}" + _at(lines, ("method", "name"))
-            )
-    except Exception:
-        pass  # already reported
+    except PluginError:
+        task_cls = None  # already reported
+    supported = getattr(task_cls, "methods", None)
+    if supported is not None and recipe.method.name not in supported:
+        problems.append(
+            f"method.name: the task '{recipe.task.name}' does not support the method '{recipe.method.name}'; "
+            f"it supports: {', '.join(supported)}" + _at(lines, ("method", "name"))
+        )
     for split, file in (recipe.data.files or {}).items():
         resolved = recipe.resolve(file)
         if not resolved.is_file():
@@ -278,7 +297,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
             f"add data.files.{recipe.data.train_split} or set data.train_split to one of {sorted(recipe.data.files)}"
         )
     stop = recipe.eval.early_stopping
-    metrics = recipe.eval.metrics
+    metrics = recipe.eval.metrics or getattr(task_cls, "default_metrics", None)
     if stop is not None and metrics is not None and stop.metric not in [*metrics, "loss"]:
         problems.append(
             f"eval.early_stopping.metric: '{stop.metric}' is not computed; choose one of {[*metrics, 'loss']}"

@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from finetune.errors import FinetuneError
 from finetune.training.checkpoint import latest_checkpoint
 
@@ -37,7 +39,7 @@ class RunLayout:
         self.predictions = root / "predictions.json"
         self.card = root / "README.md"
 
-    def check_startable(self, *, resume: bool, overwrite: bool) -> None:
+    def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""
         exists = self.root.is_dir() and any(self.root.iterdir())
         if resume:
@@ -46,17 +48,41 @@ class RunLayout:
                     f"--resume: there is no complete checkpoint in {self.checkpoints}. "
                     "Start the run without --resume (add --overwrite to replace the directory)."
                 )
+            changed = _changed_keys(yaml.safe_load(self.recipe.read_text()), yaml.safe_load(recipe_yaml))
+            if changed:
+                raise FinetuneError(
+                    f"--resume: the recipe differs from the one {self.root} was started with "
+                    f"(changed: {', '.join(changed)}). Resume with the same recipe and overrides, "
+                    "or start a new run with another output.dir."
+                )
         elif exists and not overwrite:
             raise FinetuneError(
                 f"The run directory {self.root} already holds a run. Continue it with --resume, "
                 "replace it with --overwrite, or choose another with --set output.dir=PATH."
             )
+        elif exists and not self.recipe.is_file():
+            raise FinetuneError(
+                f"--overwrite: {self.root} is not a finetune run directory (it has no recipe.yaml); "
+                "refusing to delete it. Choose another output.dir."
+            )
 
-    def begin(self, recipe_yaml: str, *, overwrite: bool) -> None:
+    def begin(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
+        if resume:
+            return  # the run directory and its recipe are already there
         if overwrite and self.root.is_dir():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.recipe, recipe_yaml)
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two recipe mappings."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix.rstrip(".") or "recipe"] if old != new else []
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        changed += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+    return changed
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -16,6 +16,7 @@ def previous_run(tmp_path):
     """A run directory that must survive every failed attempt, even with --overwrite."""
     run_dir = tmp_path / "previous"
     (run_dir / "model").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text("name: previous\n")
     (run_dir / "metrics.json").write_text('{"kept": true}')
     (run_dir / "model" / "weights").write_bytes(b"precious")
     return run_dir
@@ -103,6 +104,29 @@ def test_existing_run_directory_needs_resume_or_overwrite(tmp_path, distilbert_d
     assert f"The run directory {previous_run} already holds a run. Continue it with --resume" in output
     assert "no complete checkpoint" in fail(path, "--resume")
     assert snapshot(previous_run) == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, distilbert_dir, sentiment_dir):
+    folder = tmp_path / "my-documents"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    path = recipe_with(tmp_path, distilbert_dir, sentiment_dir, folder)
+    assert "is not a finetune run directory (it has no recipe.yaml); refusing to delete it" in fail(path, "--overwrite")
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_empty_values_in_the_data(tmp_path, distilbert_dir, previous_run):
+    rows = testing.sentiment_examples(40)
+    rows[3]["text"] = None
+    testing.write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    testing.write_jsonl(tmp_path / "data" / "test.jsonl", rows[5:10])
+    path = recipe_with(tmp_path, distilbert_dir, tmp_path / "data", previous_run)
+    assert "The train split has 1 empty value(s) in the 'text' column; fill or drop those rows." in fail(path, "--overwrite")
+
+
+def test_override_that_is_not_yaml(tmp_path, distilbert_dir, sentiment_dir):
+    path = recipe_with(tmp_path, distilbert_dir, sentiment_dir, tmp_path / "run")
+    assert "--set name: the value '[oops' is not valid YAML" in fail(path, "--set", "name=[oops")
 
 
 def test_missing_local_model_directory(tmp_path, sentiment_dir):

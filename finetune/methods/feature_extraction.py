@@ -45,8 +45,8 @@ def _frozen_roots(model, head: list[str]) -> list:
 
     roots = []
     for name, module in model.named_modules():
-        if not name or holds_head(name) or is_head(name, head):
-            continue
+        if not name or holds_head(name) or is_head(name, head) or not any(True for _ in module.parameters()):
+            continue  # parameter-free modules (the head's dropout) keep following model.train()
         parent = name.rpartition(".")[0]
         if not parent or holds_head(parent):
             roots.append(module)

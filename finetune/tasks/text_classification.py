@@ -53,6 +53,14 @@ class TextClassification:
                         f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
                         f"Map yours with data.columns, e.g. data.columns: {{your_column: {column}}}."
                     )
+        for role, split in splits.items():
+            for column in [c for c in ("text", "text_pair", "label") if c in split.column_names]:
+                empty = sum(v is None for v in split[column])
+                if empty:
+                    raise DataError(
+                        f"The {role} split has {empty} empty value(s) in the '{column}' column; "
+                        "fill or drop those rows."
+                    )
         feature = splits["train"].features["label"]
         if isinstance(feature, ClassLabel):
             self.labels = list(feature.names)

@@ -14,7 +14,8 @@ from pathlib import Path
 from finetune.recipe import Recipe
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.optim import build_optimizer, build_scheduler
-from finetune.training.steplog import StepLog
+from finetune.errors import FinetuneError
+from finetune.training.steplog import StepLog, truncate_steplog
 
 
 def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path, resume: bool):
@@ -43,6 +44,8 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
     if resume:
         checkpoint = latest_checkpoint(checkpoints)
         state = load_checkpoint(accelerator, checkpoint)
+        if accelerator.is_main_process:
+            truncate_steplog(steplog, state["step"])
         accelerator.print(f"Resuming from {checkpoint} (step {state['step']} of {total_steps})")
 
     log = StepLog(steplog, accelerator.is_main_process)
@@ -89,7 +92,8 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
                 results = evaluate(accelerator, model, task, eval_dl, metrics)["metrics"]
                 state["history"].append({"step": step, "epoch": epoch + 1 if end_of_epoch else epoch, **results})
                 log.write({"step": step, "eval": results})
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+                if accelerator.is_main_process:
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
                 _update_early_stopping(state, results, ev.early_stopping)
 
             if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated):
@@ -109,17 +113,20 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
     import torch
 
     model.eval()
-    losses, predictions, references = [], [], []
+    loss_sum, examples, predictions, references = 0.0, 0, [], []
     with torch.no_grad():
         for batch in dataloader:
             out = task.eval_step(model, batch)
-            losses.append(accelerator.gather(out["loss"].detach().float().reshape(1)).mean())
+            size = torch.tensor([_batch_size(batch)], device=accelerator.device)
+            weighted = accelerator.gather(out["loss"].detach().float().reshape(1) * size)
+            loss_sum += float(weighted.sum())
+            examples += int(accelerator.gather(size).sum())
             if "predictions" in out:
                 preds, refs = accelerator.gather_for_metrics((out["predictions"], out["references"]))
                 predictions += preds.tolist()
                 references += refs.tolist()
     model.train()
-    results = {"loss": float(torch.stack(losses).mean())}
+    results = {"loss": loss_sum / examples}  # mean over examples, not over batches of unequal size
     if predictions:
         results.update(metrics.compute(predictions, references))
     return {"metrics": results, "predictions": predictions, "references": references}
@@ -128,6 +135,8 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
 def _update_early_stopping(state: dict, results: dict, rule) -> None:
     if rule is None:
         return
+    if rule.metric not in results:
+        raise FinetuneError(f"eval.early_stopping.metric: '{rule.metric}' is not among the results {sorted(results)}.")
     value, best = results[rule.metric], state["best"]
     better = best is None or (value > best + rule.min_delta if rule.mode == "max" else value < best - rule.min_delta)
     if better:

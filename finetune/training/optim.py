@@ -13,14 +13,10 @@ def build_optimizer(model, train: TrainSection):
     import torch
 
     decay, no_decay = [], []
-    for module in model.modules():
-        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)) or (
-            "norm" in type(module).__name__.lower()
-        )
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            (no_decay if is_norm or name == "bias" or param.ndim < 2 else decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            # Biases and normalisation scales/offsets are exactly the 1-d parameters.
+            (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

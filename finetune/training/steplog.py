@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -21,6 +22,15 @@ class StepLog:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+
+
+def truncate_steplog(path: Path, step: int) -> None:
+    """Drop records after `step`: a resumed run logs those steps again."""
+    if path.is_file():
+        kept = [r for r in read_steplog(path) if r["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def read_steplog(path: Path) -> list[dict]:
