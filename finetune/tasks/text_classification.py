@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import CardInfo, TaskModel
 from finetune.errors import DataError, FinetuneError
+from finetune.methods.common import is_head
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -198,6 +199,6 @@ def _head_modules(model, loading_info: dict) -> list[str]:
     mismatched = [k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys", [])]
     for key in [*loading_info.get("missing_keys", []), *mismatched]:
         module = key.rsplit(".", 1)[0]
-        if not any(module == h or module.startswith(h + ".") for h in head):
+        if not is_head(module, head):
             head.append(module)
     return head
