@@ -38,8 +38,6 @@ class TaskModel:
     """Qualified names of the modules that are new for this task (a classifier): always trained and saved."""
     lora_targets: list[str]
     """Default module names for LoRA when the recipe names none."""
-    processor: Any = None
-    """Tokenizer or image transform, saved beside the model."""
     peft_task_type: str | None = None
     """peft TaskType (e.g. SEQ_CLS) so that peft's Auto classes can reload the adapter."""
 
@@ -90,7 +88,7 @@ class Task(Protocol):
         """Forward pass without gradients; return `loss` and, to compute metrics, `predictions` and `references`."""
 
     def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
-        """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its processor."""
+        """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
 
     def card(self, *, model_path: str, adapter: bool) -> CardInfo:
         """Metadata and a usage snippet that loads the artifact saved at `model_path`."""

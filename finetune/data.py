@@ -68,16 +68,15 @@ def _load(recipe: Recipe) -> DatasetDict:
     from datasets import load_dataset
 
     data = recipe.data
+    if data.files:
+        builders = {DATA_FORMATS[recipe.resolve(f).suffix.lower()] for f in data.files.values()}
+        if len(builders) > 1:
+            raise DataError(f"data.files: all files must have one format; got {sorted(builders)}.")
     try:
         if data.files:
             files = {split: str(recipe.resolve(f)) for split, f in data.files.items()}
-            builders = {DATA_FORMATS[recipe.resolve(f).suffix.lower()] for f in data.files.values()}
-            if len(builders) > 1:
-                raise DataError(f"data.files: all files must have one format; got {sorted(builders)}.")
             return load_dataset(builders.pop(), data_files=files)
         return load_dataset(data.path, data.config, revision=data.revision)
-    except DataError:
-        raise
     except Exception as exc:
         source = f"the files {sorted(data.files.values())}" if data.files else f"the dataset '{data.path}'" + (
             f" (config '{data.config}')" if data.config else ""

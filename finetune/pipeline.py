@@ -60,17 +60,17 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         layout.begin(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
 
-    from finetune.training.loop import evaluate, train
+    from finetune.training.loop import eval_loader, evaluate, train
 
     started = time.perf_counter()
-    model, eval_dl, state = train(
+    model, state, last_eval = train(
         accelerator, model, task, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume
     )
     train_seconds = time.perf_counter() - started
 
-    final = {"eval": evaluate(accelerator, model, task, eval_dl, metrics)}
+    final = {"eval": last_eval}
     if "test" in processed:
-        test_dl = accelerator.prepare(_loader(processed["test"], recipe, task))
+        test_dl = accelerator.prepare(eval_loader(processed["test"], recipe, task))
         final["test"] = evaluate(accelerator, model, task, test_dl, metrics)
 
     summary = {
@@ -117,12 +117,6 @@ def _accelerator(recipe: Recipe):
         )
     except (ValueError, RuntimeError) as exc:
         raise FinetuneError(f"train.mixed_precision: {exc}") from None
-
-
-def _loader(dataset, recipe: Recipe, task):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate)
 
 
 def _save_model(task, method, model, layout: RunLayout, merged: bool) -> None:

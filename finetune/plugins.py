@@ -63,7 +63,6 @@ class PluginInfo:
     name: str
     distribution: str
     version: str
-    target: str
     error: str | None
 
 
@@ -79,7 +78,7 @@ def inventory() -> list[PluginInfo]:
                 error = str(exc)
             dist = ep.dist
             rows.append(
-                PluginInfo(_KIND[group], name, dist.name if dist else "?", dist.version if dist else "?", ep.value, error)
+                PluginInfo(_KIND[group], name, dist.name if dist else "?", dist.version if dist else "?", error)
             )
     return rows
 

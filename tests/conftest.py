@@ -8,7 +8,6 @@ import os
 os.environ.update(
     HF_HUB_OFFLINE="1",
     HF_DATASETS_OFFLINE="1",
-    HF_EVALUATE_OFFLINE="1",
     HF_HUB_DISABLE_TELEMETRY="1",
     TRANSFORMERS_VERBOSITY="error",
     TOKENIZERS_PARALLELISM="false",

@@ -43,7 +43,7 @@ def test_run_end_to_end(method, recipe_file, sentiment_dir):
     path, run_dir = recipe_file(method, output={"merged": method == "lora"})
     result = invoke("run", path)
     assert result.exit_code == 0, result.output
-    assert f"test: loss" in result.output and f"model: {run_dir / 'model'}" in result.output
+    assert "test: loss" in result.output and f"model: {run_dir / 'model'}" in result.output
 
     for name in ("recipe.yaml", "logs/steps.jsonl", "metrics.json", "predictions.json", "README.md"):
         assert (run_dir / name).is_file(), name

@@ -118,14 +118,13 @@ class TextClassification:
             model=model,
             head=_head_modules(model, info),
             lora_targets=list(targets),
-            processor=self.tokenizer,
             peft_task_type="SEQ_CLS",
         )
 
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
         from transformers import DataCollatorWithPadding
 
-        tokenizer = task_model.processor
+        tokenizer = self.tokenizer
         max_length = self.options.max_length
         has_pair = "text_pair" in splits["train"].column_names
 

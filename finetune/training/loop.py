@@ -19,7 +19,7 @@ from finetune.training.steplog import StepLog, truncate_steplog
 
 
 def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path, resume: bool):
-    """Train `model` in place; return (prepared model, prepared eval loader, final trainer state)."""
+    """Train `model` in place; return (prepared model, final trainer state, the last evaluation or None)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -30,8 +30,7 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
         splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
         generator=torch.Generator().manual_seed(t.seed),
     )
-    eval_dl = DataLoader(splits["eval"], batch_size=t.eval_batch_size, collate_fn=task.collate)
-    train_dl, eval_dl = accelerator.prepare(train_dl, eval_dl)
+    train_dl, eval_dl = accelerator.prepare(train_dl, eval_loader(splits["eval"], recipe, task))
 
     steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
@@ -51,6 +50,7 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
     log = StepLog(steplog, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=state["step"], desc="Training", unit="step", disable=not accelerator.is_main_process)
     window = _Window()
+    last_eval = None  # the loop always evaluates its final state; the caller reuses that
     model.train()
     done = state["step"] >= total_steps or state["stopped_early"]
     for epoch in range(state["epoch"], epochs):
@@ -89,7 +89,8 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
 
             evaluated = (ev.every_steps and step % ev.every_steps == 0) or (not ev.every_steps and end_of_epoch) or step == total_steps
             if evaluated:
-                results = evaluate(accelerator, model, task, eval_dl, metrics)["metrics"]
+                last_eval = evaluate(accelerator, model, task, eval_dl, metrics)
+                results = last_eval["metrics"]
                 state["history"].append({"step": step, "epoch": epoch + 1 if end_of_epoch else epoch, **results})
                 log.write({"step": step, "eval": results})
                 if accelerator.is_main_process:
@@ -105,7 +106,15 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
                 break
     bar.close()
     log.close()
-    return model, eval_dl, state
+    if last_eval is None:  # resumed after the last step: nothing was trained, evaluate once
+        last_eval = evaluate(accelerator, model, task, eval_dl, metrics)
+    return model, state, last_eval
+
+
+def eval_loader(dataset, recipe: Recipe, task):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate)
 
 
 def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
