@@ -33,7 +33,7 @@ def load_splits(recipe: Recipe) -> DatasetDict:
         if missing:
             raise DataError(
                 f"data.columns: the {role} split has no column {', '.join(map(repr, missing))}; "
-                f"its columns are {split.column_names}."
+                f"its columns are {split.column_names}. Map an existing column, as in {{sentence: text}}."
             )
         renames = {src: dst for src, dst in data.columns.items() if src != dst}
         if renames:
@@ -71,7 +71,9 @@ def _load(recipe: Recipe) -> DatasetDict:
     if data.files:
         builders = {DATA_FORMATS[recipe.resolve(f).suffix.lower()] for f in data.files.values()}
         if len(builders) > 1:
-            raise DataError(f"data.files: all files must have one format; got {sorted(builders)}.")
+            raise DataError(
+                f"data.files: all files must have one format; got {sorted(builders)}. Convert them to one of these."
+            )
     try:
         if data.files:
             files = {split: str(recipe.resolve(f)) for split, f in data.files.items()}

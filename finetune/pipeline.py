@@ -116,7 +116,10 @@ def _accelerator(recipe: Recipe):
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         )
     except (ValueError, RuntimeError) as exc:
-        raise FinetuneError(f"train.mixed_precision: {exc}") from None
+        raise FinetuneError(
+            f"train.mixed_precision: accelerate cannot use '{recipe.train.mixed_precision}' here ({exc}). "
+            "fp16 needs a GPU; use bf16 or no."
+        ) from None
 
 
 def _save_model(task, method, model, layout: RunLayout, merged: bool) -> None:

@@ -25,7 +25,10 @@ def resolve_model_source(name: str, base_dir: Path) -> str:
     if local.is_dir():
         return str(local.resolve())
     if name.startswith((".", "/", "~")):
-        raise FinetuneError(f"model.name: the local directory '{local}' does not exist.")
+        raise FinetuneError(
+            f"model.name: the local directory '{local}' does not exist. Fix the path (relative paths start "
+            "at the recipe's folder) or name a Hub id or package:PKG/SUBDIR."
+        )
     return name  # a Hub id
 
 
