@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import torch
     from datasets import DatasetDict
 
@@ -44,14 +43,57 @@ class TaskModel:
 
 @dataclass
 class CardInfo:
-    """What a task contributes to the model card."""
+    """What a task contributes to the model card of one artifact."""
 
     pipeline_tag: str
     library_name: str
+    """The library that loads the artifact (transformers, peft, timm, diffusers): the Hub's `library_name`."""
     usage: str
-    """A Python snippet that loads exactly the saved artifact with the ecosystem's own API."""
+    """A Python snippet that loads exactly the artifact with the ecosystem's own API."""
     description: str = ""
+    """What the model does, completing "It ..." (e.g. "classifies text into 2 classes: neg, pos")."""
     tags: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    """Markdown blocks shown after the results (per-class tables, sample grids). Pictures are written
+    to `run.images_dir` and embedded as `![caption](images/NAME.png)`."""
+    template: str | None = None
+    """Path of the plugin's own Jinja template, used instead of cards/model_card.md."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A saved model as a card's usage snippet loads it."""
+
+    location: str
+    """A local directory or a Hub repo id."""
+    adapter: bool
+    """An adapter (LoRA) on top of the base model rather than a whole model."""
+    subfolder: str | None = None
+    """The folder inside `location` that holds it (a Hub repo with both an adapter and a merged model)."""
+
+
+@dataclass
+class RunRecord:
+    """A finished run as its directory holds it: what a card is rendered from, without retraining."""
+
+    root: Path
+    recipe: Any
+    """The run's resolved recipe (finetune.recipe.Recipe), plugin options validated."""
+    summary: dict
+    """metrics.json: metrics per split, history, parameters, data and environment facts."""
+    predictions: dict
+    """predictions.json: per split, `predictions` and `references` as the task's eval_step returned them."""
+    steps: list[dict]
+    """logs/steps.jsonl: training-loss records and evaluation records, in order."""
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names, for tasks whose stratify column is a ClassLabel."""
+        return self.summary.get("data", {}).get("labels")
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
 
 
 @runtime_checkable
@@ -90,8 +132,9 @@ class Task(Protocol):
     def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
         """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
 
-    def card(self, *, model_path: str, adapter: bool) -> CardInfo:
-        """Metadata and a usage snippet that loads the artifact saved at `model_path`."""
+    def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
+        """Card metadata, a usage snippet for `artifact`, and task-specific sections, from the
+        finished `run` alone (it may be a copy on another machine: keep no state from training)."""
 
 
 @runtime_checkable

@@ -1,22 +1,28 @@
-"""The model card: README.md in the run directory, rendered by huggingface_hub's ModelCard
-from a Jinja template in cards/, with Hub metadata (model-index eval results included)."""
+"""The model card: README.md in the run directory, rendered from the run directory alone by
+huggingface_hub's ModelCard from a Jinja template in cards/ (or the task plugin's own), with
+the Hub's metadata (model-index eval results included) and pictures in images/.
+
+The same renderer writes the card pushed to the Hub; there the usage snippet loads the repo.
+"""
 
 from __future__ import annotations
 
-from importlib import metadata
+import math
 from pathlib import Path
 
 import finetune
-from finetune.api import CardInfo
-from finetune.recipe import Recipe
-from finetune.sources import PACKAGE_PREFIX
+from finetune import figures, plugins
+from finetune.api import Artifact, CardInfo, RunRecord
+from finetune.rundir import RunLayout, read_run, write_atomic
 
 METHOD_TITLES = {
     "full": "a full fine-tune",
     "feature-extraction": "a trained head on the frozen features",
     "lora": "a LoRA adapter (with a trained head)",
 }
-_VERSIONED = ("finetune", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "timm", "diffusers")
+CURVES = "training-curves.png"
+SMALL_SPLIT = 100  # fewer evaluation examples than this: the card warns how uncertain the metrics are
+IMBALANCE = 3.0  # most / least frequent training class above this: the card warns
 
 
 def cards_dir() -> Path:
@@ -28,66 +34,165 @@ def cards_dir() -> Path:
     raise FileNotFoundError("the card templates (cards/) are missing from this installation")
 
 
-def render_card(recipe: Recipe, info: CardInfo, summary: dict, template: str = "model_card.md") -> str:
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+def write_card(root: Path) -> Path:
+    """(Re)write README.md and its pictures from what the run directory holds."""
+    run = read_run(root)
+    layout = RunLayout(run.root)
+    write_atomic(layout.card, render_card(run, local_artifacts(run)))
+    return layout.card
 
-    base = recipe.model.name
-    on_hub = not base.startswith(PACKAGE_PREFIX) and not recipe.resolve(base).exists()
-    dataset_id = recipe.data.path if recipe.data.path else None
-    eval_results = [
-        EvalResult(
-            task_type=info.pipeline_tag,
-            dataset_type=dataset_id or "local-files",
-            dataset_name=dataset_id or ", ".join(Path(f).name for f in recipe.data.files.values()),
-            dataset_config=recipe.data.config,
-            dataset_split=split,
-            metric_type=name,
-            metric_value=value,
-        )
-        for split, values in summary["metrics"].items()
-        for name, value in values.items()
-        if name != "loss"
-    ]
-    card_data = ModelCardData(
-        model_name=recipe.name,
-        base_model=base if on_hub else None,
-        datasets=[dataset_id] if dataset_id else None,
-        library_name=info.library_name,
-        pipeline_tag=info.pipeline_tag,
-        license=recipe.card.license,
-        metrics=sorted({r.metric_type for r in eval_results}) or None,
-        tags=["finetune", recipe.task.name, recipe.method.name, *info.tags, *recipe.card.tags],
-        eval_results=eval_results or None,
-    )
+
+def produces_adapter(run: RunRecord) -> bool:
+    return plugins.load(plugins.METHODS, run.recipe.method.name).produces_adapter
+
+
+def local_artifacts(run: RunRecord) -> list[Artifact]:
+    """The run's model, then its merged copy when the run wrote one."""
+    layout = RunLayout(run.root)
+    adapter = produces_adapter(run)
+    artifacts = [Artifact(str(layout.model), adapter=adapter)]
+    if adapter and layout.merged.is_dir():
+        artifacts.append(Artifact(str(layout.merged), adapter=False))
+    return artifacts
+
+
+def render_card(run: RunRecord, artifacts: list[Artifact]) -> str:
+    """The card of `artifacts[0]`; further artifacts (a merged copy) get a usage snippet each."""
+    from huggingface_hub import ModelCard
+
+    recipe = run.recipe
+    task = plugins.load(plugins.TASKS, recipe.task.name)(recipe.task_options)
+    infos = [task.card(run, artifact) for artifact in artifacts]
+    info, artifact = infos[0], artifacts[0]
+    curves = figures.training_curves(run.steps, run.images_dir / CURVES)
+    summary = run.summary
+    base = summary.get("base_model", {"name": recipe.model.name})
+    template = Path(info.template) if info.template else cards_dir() / "model_card.md"
     card = ModelCard.from_template(
-        card_data,
-        template_path=str(cards_dir() / template),
+        card_data(run, info, artifact),
+        template_path=str(template),
         model_name=recipe.name,
-        base_model=base,
-        base_model_link=f"https://huggingface.co/{base}" if on_hub else "#",
+        base_model=base["name"],
+        base_model_link=f"https://huggingface.co/{base['hub_id']}" if base.get("hub_id") else None,
         method=recipe.method.name,
         method_title=METHOD_TITLES.get(recipe.method.name, f"a `{recipe.method.name}` fine-tune"),
         description=info.description,
         usage=info.usage,
+        more_usage=[(a, i.usage) for a, i in zip(artifacts[1:], infos[1:])],
+        sections=info.sections,
         results=summary["metrics"],
         split_sizes=summary["split_sizes"],
         trainable_params=summary["parameters"]["trainable"],
         total_params=summary["parameters"]["total"],
-        data_source=f"`{dataset_id}`" + (f" ({recipe.data.config})" if recipe.data.config else "")
-        if dataset_id
-        else ", ".join(f"`{Path(f).name}`" for f in recipe.data.files.values()),
+        data=_data_description(run),
+        labels=run.labels,
+        label_counts=summary.get("data", {}).get("label_counts"),
         steps=summary["steps"],
         stopped_early=summary["stopped_early"],
         train_seconds=summary["train_seconds"],
+        environment=summary.get("environment", {}),
         hyperparameters=_hyperparameters(recipe),
         history=summary["history"],
+        curves=f"images/{CURVES}" if curves else None,
+        limitations=limitations(run),
         recipe_yaml=recipe.to_yaml(),
-        versions=_versions(),
     )
     return str(card)
 
 
-def _hyperparameters(recipe: Recipe) -> dict:
+def card_data(run: RunRecord, info: CardInfo, artifact: Artifact):
+    """The card's YAML metadata, as the Hub reads it."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    recipe, summary = run.recipe, run.summary
+    base = summary.get("base_model", {})
+    data = summary.get("data", {})
+    eval_results = [
+        EvalResult(task_type=info.pipeline_tag, metric_type=name, metric_value=value, **_dataset_fields(run, split))
+        for split, values in summary["metrics"].items()
+        for name, value in values.items()
+        if name != "loss"
+    ]
+    extra = {"base_model_relation": "adapter" if artifact.adapter else "finetune"} if base.get("hub_id") else {}
+    return ModelCardData(
+        model_name=recipe.name,
+        base_model=base.get("hub_id"),
+        datasets=[data["source"]] if data.get("source") else None,
+        library_name=info.library_name,
+        pipeline_tag=info.pipeline_tag,
+        license=recipe.card.license or base.get("license"),
+        metrics=sorted({r.metric_type for r in eval_results}) or None,
+        tags=list(dict.fromkeys(["finetune", recipe.task.name, recipe.method.name, *info.tags, *recipe.card.tags])),
+        eval_results=eval_results or None,
+        **extra,
+    )
+
+
+def _dataset_fields(run: RunRecord, role: str) -> dict:
+    """Which data a split's results come from: a Hub dataset id, or a local file and its hash."""
+    recipe = run.recipe
+    data = run.summary.get("data", {})
+    carved = role == "eval" and data.get("eval_carved_from_train")
+    split = recipe.data.train_split if carved else getattr(recipe.data, f"{role}_split", role)
+    split_label = f"{split} (held-out {recipe.data.eval_fraction:.0%}, seed {recipe.train.seed})" if carved else split
+    if recipe.data.path:
+        return {"dataset_type": recipe.data.path, "dataset_name": recipe.data.path, "dataset_config": recipe.data.config,
+                "dataset_split": split_label, "dataset_revision": recipe.data.revision}
+    file = data.get("files", {}).get(split) or {"name": Path(recipe.data.files[split]).name, "format": "local"}
+    return {"dataset_type": file["format"], "dataset_name": file["name"], "dataset_split": split_label,
+            "dataset_revision": f"sha256:{file['sha256']}" if file.get("sha256") else None}
+
+
+def _data_description(run: RunRecord) -> dict:
+    recipe = run.recipe
+    data = run.summary.get("data", {})
+    if recipe.data.path:
+        source = f"`{recipe.data.path}`" + (f" (config `{recipe.data.config}`)" if recipe.data.config else "")
+        revision = f"revision `{recipe.data.revision}`" if recipe.data.revision else "latest revision (not pinned)"
+        return {"source": f"{source}, {revision}", "files": []}
+    return {"source": "local files", "files": [{"split": split, **facts} for split, facts in data.get("files", {}).items()]}
+
+
+def limitations(run: RunRecord) -> list[str]:
+    """What this run itself shows a reader should be careful about."""
+    summary, recipe = run.summary, run.recipe
+    notes = []
+    for split, values in summary["metrics"].items():
+        n = summary["split_sizes"].get(split, 0)
+        if 0 < n < SMALL_SPLIT:
+            note = f"The {split} split has only {n} examples"
+            if "accuracy" in values:
+                p = values["accuracy"]
+                note += f": its accuracy of {p:.3f} is uncertain by about ±{1.96 * math.sqrt(p * (1 - p) / n):.3f} (95% interval)"
+            notes.append(note + ".")
+    counts = summary.get("data", {}).get("label_counts", {}).get("train")
+    if counts and min(counts.values()) > 0 and max(counts.values()) / min(counts.values()) >= IMBALANCE:
+        most, least = max(counts, key=counts.get), min(counts, key=counts.get)
+        notes.append(
+            f"The training classes are imbalanced ('{most}': {counts[most]}, '{least}': {counts[least]} examples): "
+            "overall accuracy flatters the frequent classes; read the per-class results."
+        )
+    stop = recipe.eval.early_stopping
+    if summary["stopped_early"] and stop is not None:
+        notes.append(
+            f"Training stopped early at step {summary['steps']}: eval {stop.metric} had not improved "
+            f"for {stop.patience} evaluations."
+        )
+    history = summary["history"]
+    metrics = [k for k in (history[0] if history else {}) if k not in ("step", "epoch", "loss")]
+    watched = stop.metric if stop else (metrics[0] if metrics else None)
+    if watched and len(history) > 1:
+        lower_is_better = stop.mode == "min" if stop else False
+        best = (min if lower_is_better else max)(history, key=lambda row: row[watched])
+        if best[watched] != history[-1][watched]:
+            notes.append(
+                f"The saved model is the final state (step {history[-1]['step']}, eval {watched} "
+                f"{history[-1][watched]:.4f}); the best eval {watched}, {best[watched]:.4f}, was at step {best['step']}."
+            )
+    return notes
+
+
+def _hyperparameters(recipe) -> dict:
     t = recipe.train
     values = {
         "learning rate": t.lr,
@@ -101,13 +206,3 @@ def _hyperparameters(recipe: Recipe) -> dict:
     options = recipe.method_options.model_dump() if recipe.method_options is not None else recipe.method.options
     values.update({f"{recipe.method.name}.{k}": v for k, v in options.items()})
     return values
-
-
-def _versions() -> dict:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions

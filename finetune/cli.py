@@ -7,6 +7,7 @@ import functools
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -58,8 +59,54 @@ def run(recipe, overrides, resume, overwrite, processes):
     from finetune.pipeline import run as run_pipeline
 
     summary = run_pipeline(loaded, resume=resume, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(summary)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    _print_summary(summary)
+    if loaded.hub.push:
+        from finetune.hub import PushError
+
+        try:
+            _push(summary.run_dir, _target_from(loaded.hub))
+        except PushError as exc:
+            click.echo(f"\nThe run is trained and saved, but {exc}", err=True)
+            sys.exit(PUSH_FAILED)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@user_errors
+def card(run_dir):
+    """Rewrite RUN_DIR/README.md and its pictures from the run directory alone (no retraining)."""
+    from finetune.card import write_card
+
+    click.echo(f"card: {write_card(Path(run_dir))}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--repo-id", help="Hub repo (user/name); default: the recipe's hub.repo_id.")
+@click.option("--revision", help="Branch to commit to (created when missing); default: the recipe's hub.revision.")
+@click.option("--private/--public", default=None, help="Visibility of a new repo; default: the recipe's hub.private.")
+@click.option("--artifacts", type=click.Choice(["adapter", "merged", "both"]),
+              help="LoRA runs: push the adapter, the merged model, or both; default: the recipe's hub.artifacts.")
+@click.option("--include", multiple=True, type=click.Choice(["logs", "checkpoints", "metrics"]),
+              help="Also push these run files (repeatable); default: the recipe's hub.include.")
+@click.option("--message", help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="List what would be pushed, where, and the card's metadata; send nothing.")
+@user_errors
+def push(run_dir, repo_id, revision, private, artifacts, include, message, dry_run):
+    """Push a finished run (model, card, pictures) to the Hugging Face Hub as one commit."""
+    from finetune.rundir import read_run
+
+    target = _target_from(read_run(Path(run_dir)).recipe.hub)
+    if repo_id is None and target.repo_id is None:
+        raise click.UsageError("name the repo: --repo-id user/name (the run's recipe has no hub.repo_id)")
+    overrides = {"repo_id": repo_id, "revision": revision, "private": private, "artifacts": artifacts,
+                 "include": list(include) or None, "commit_message": message}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(target, key, value)
+    _push(Path(run_dir), target, dry_run=dry_run)
 
 
 @main.command()
@@ -87,6 +134,27 @@ def list_plugins():
         click.echo(f"{row.kind:<7} {row.name:<24} {row.distribution} {row.version:<10} {status}")
         if row.error:
             click.echo(f"        {row.error}")
+
+
+PUSH_FAILED = 3  # `finetune run`: trained and saved, but the push failed
+
+
+def _target_from(hub):
+    from finetune.hub import PushTarget
+
+    return PushTarget(repo_id=hub.repo_id, revision=hub.revision, private=hub.private, artifacts=hub.artifacts,
+                      include=list(hub.include), commit_message=hub.commit_message)
+
+
+def _push(run_dir: Path, target, dry_run: bool = False) -> None:
+    from finetune.hub import plan_push, push
+
+    plan = plan_push(run_dir, target)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    click.echo(f"Pushing {len(plan.files)} files to {target.repo_id} ({target.revision}) ...")
+    click.echo(f"pushed: {push(plan)}")
 
 
 def _launch(processes: int) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from finetune import plugins
 from finetune.recipe import Recipe
-from finetune.rundir import RunLayout, replace_dir, write_atomic, write_json
+from finetune.rundir import RunLayout, replace_dir, write_json
 
 
 @dataclass
@@ -26,9 +26,10 @@ class RunSummary:
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
-    from finetune.card import render_card
+    from finetune.card import write_card
     from finetune.data import finish_splits, load_splits
     from finetune.evaluation import Metrics
+    from finetune.provenance import base_model_facts, data_facts, environment_facts
     from finetune.sources import resolve_model_source
 
     layout = RunLayout(recipe.run_dir)
@@ -38,6 +39,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 
     # Data first: bad columns or labels fail in seconds, before any model is loaded.
     splits = task.prepare_data(load_splits(recipe))
+    eval_carved = "eval" not in splits
     splits = finish_splits(splits, recipe, task.stratify_column)
     metrics = Metrics(recipe.eval.metrics or task.default_metrics)
     source = resolve_model_source(recipe.model.name, recipe.base_dir)
@@ -76,23 +78,25 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     summary = {
         "metrics": {split: result["metrics"] for split, result in final.items()},
         "parameters": parameters,
-        "split_sizes": {split: len(data) for split, data in splits.items()},
+        "split_sizes": {role: len(splits[role]) for role in ("train", "eval", "test") if role in splits},
         "steps": state["step"],
         "stopped_early": state["stopped_early"],
         "train_seconds": round(train_seconds, 1),
         "history": state["history"],
         "world_size": accelerator.num_processes,
+        "base_model": base_model_facts(recipe, source),
+        "data": data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved),
+        "environment": environment_facts(accelerator),
     }
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes > 1:
         summary["rank_checksums"] = _rank_checksums(accelerator, unwrapped)
 
     if accelerator.is_main_process:
-        _save_model(task, method, unwrapped, layout, recipe.output.merged)
+        _save_model(task, method, unwrapped, layout, recipe.writes_merged)
         write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
         write_json(layout.metrics, summary)
-        info = task.card(model_path=str(layout.model.resolve()), adapter=method.produces_adapter)
-        write_atomic(layout.card, render_card(recipe, info, summary))
+        write_card(layout.root)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunSummary(layout.root, layout.model, layout.card, summary["metrics"], parameters)

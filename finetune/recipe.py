@@ -129,6 +129,37 @@ class CardSection(Section):
     tags: list[str] = Field(default_factory=list, description="Extra tags for the card.")
 
 
+class HubSection(Section):
+    push: bool = Field(False, description="Push the model, its card and pictures to the Hugging Face Hub after the run.")
+    repo_id: str | None = Field(None, description="Repo to push to (`user/name` or `org/name`); required when push is true.")
+    private: bool | None = Field(
+        None, description="Create the repo private (true) or public (false); null: the account's default. An existing repo keeps its visibility."
+    )
+    revision: str = Field("main", description="Branch to commit to; created from main when missing.")
+    artifacts: Literal["adapter", "merged", "both"] = Field(
+        "adapter", description="Adapter methods (LoRA): push the adapter, the merged model, or both (the merged one in merged/)."
+    )
+    include: list[Literal["logs", "checkpoints", "metrics"]] = Field(
+        default_factory=list,
+        description="Run files to push as well: logs (logs/), checkpoints (checkpoints/, with optimizer states), "
+        "metrics (metrics.json, predictions.json).",
+    )
+    commit_message: str | None = Field(None, description="Commit message; default: \"finetune: <name> (<method>)\".")
+
+    @model_validator(mode="after")
+    def _target(self) -> HubSection:
+        if self.repo_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.repo_id)
+            except HFValidationError as exc:
+                raise ValueError(f"repo_id '{self.repo_id}' is not a valid Hub repo id: {exc}") from None
+        elif self.push:
+            raise ValueError("push is true but repo_id is missing; set hub.repo_id: user/name")
+        return self
+
+
 class Recipe(Section):
     name: str = Field(description="Name of the run and of the resulting model.")
     task: TaskSection
@@ -140,6 +171,7 @@ class Recipe(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
     card: CardSection = Field(default_factory=CardSection)
+    hub: HubSection = Field(default_factory=HubSection)
 
     # Where the recipe file lives (relative data and model paths are resolved against it), and
     # the plugins' validated options: set by load_recipe, never read from the file.
@@ -158,6 +190,11 @@ class Recipe(Section):
     @property
     def method_options(self):
         return self._method_options
+
+    @property
+    def writes_merged(self) -> bool:
+        """Whether an adapter run also writes model-merged/: asked for, or needed by the push."""
+        return self.output.merged or (self.hub.push and self.hub.artifacts != "adapter")
 
     @property
     def run_dir(self) -> Path:
@@ -224,10 +261,11 @@ def read_recipe_file(path: Path) -> tuple[dict, dict]:
     return raw, lines
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), *, cross_check: bool = True) -> Recipe:
     """Read, override, and validate a recipe, including its plugins' options.
 
-    Raises RecipeError listing every problem found, each with its key path.
+    Raises RecipeError listing every problem found, each with its key path. `cross_check=False`
+    skips the file-system checks: a run directory's recipe copy is read where its data may be gone.
     """
     from finetune import plugins
 
@@ -260,7 +298,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if recipe is not None:
             setattr(recipe, f"_{kind}_options", options)
 
-    if recipe is not None:
+    if recipe is not None and cross_check:
         problems += cross_checks(recipe, lines)
     if problems:
         raise RecipeError(problems, str(path))
@@ -296,6 +334,16 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
             f"data.files: no file for the train split '{recipe.data.train_split}'; "
             f"add data.files.{recipe.data.train_split} or set data.train_split to one of {sorted(recipe.data.files)}"
         )
+    if recipe.hub.artifacts != "adapter":
+        try:
+            adapter = plugins.load(plugins.METHODS, recipe.method.name).produces_adapter
+        except PluginError:
+            adapter = True  # already reported
+        if not adapter:
+            problems.append(
+                f"hub.artifacts: '{recipe.hub.artifacts}' applies to adapter methods (lora); the method "
+                f"'{recipe.method.name}' saves a whole model. Remove hub.artifacts." + _at(lines, ("hub", "artifacts"))
+            )
     stop = recipe.eval.early_stopping
     metrics = recipe.eval.metrics or getattr(task_cls, "default_metrics", None)
     if stop is not None and metrics is not None and stop.metric not in [*metrics, "loss"]:

@@ -49,6 +49,8 @@ def describe_validation_error(exc, model_cls, lines: dict, prefix: tuple = ()) -
             choices = sorted(_fields_at(model_cls, loc[:-1]))
             hint = difflib.get_close_matches(str(loc[-1]), choices, n=1)
             suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            if "token" in str(loc[-1]).lower():  # the run directory keeps a copy of the recipe
+                suggestion = "; never write a token into a recipe: set HF_TOKEN or run `hf auth login`."
             problems.append(f"{key}: unknown key{where}{suggestion} Valid keys here: {', '.join(choices)}")
         elif kind == "missing":
             problems.append(f"{key}: required key is missing{where}")

@@ -9,6 +9,7 @@
       metrics.json       final metrics per split, trainable/total parameters, timings
       predictions.json   final predictions and references per split
       README.md          the model card
+      images/            the card's pictures (training curves, confusion matrix ...)
 
 Nothing is written until the recipe, plugins and data have been checked: bad input leaves an
 existing run directory as it was.
@@ -38,6 +39,7 @@ class RunLayout:
         self.metrics = root / "metrics.json"
         self.predictions = root / "predictions.json"
         self.card = root / "README.md"
+        self.images = root / "images"
 
     def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""
@@ -73,6 +75,30 @@ class RunLayout:
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.recipe, recipe_yaml)
+
+
+def read_run(root: Path):
+    """A finished run, read back from its directory alone (see api.RunRecord)."""
+    from finetune.api import RunRecord
+    from finetune.recipe import load_recipe
+    from finetune.training.steplog import read_steplog
+
+    layout = RunLayout(Path(root))
+    if not layout.recipe.is_file():
+        raise FinetuneError(f"{layout.root} is not a finetune run directory: it has no recipe.yaml.")
+    missing = [p.name for p in (layout.metrics, layout.predictions, layout.model) if not p.exists()]
+    if missing:
+        raise FinetuneError(
+            f"{layout.root} holds no finished run ({', '.join(missing)} missing). Finish it first: "
+            "`finetune run RECIPE --resume`, with the recipe it was started from, continues from its last checkpoint."
+        )
+    return RunRecord(
+        root=layout.root.resolve(),
+        recipe=load_recipe(layout.recipe, cross_check=False),
+        summary=json.loads(layout.metrics.read_text()),
+        predictions=json.loads(layout.predictions.read_text()),
+        steps=read_steplog(layout.steplog) if layout.steplog.is_file() else [],
+    )
 
 
 def _changed_keys(old, new, prefix: str = "") -> list[str]:

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import CardInfo, TaskModel
+from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
 from finetune.errors import DataError, FinetuneError
 from finetune.methods.common import is_head
+from finetune.reports import classification_sections
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -153,37 +154,52 @@ class TextClassification:
         model.save_pretrained(directory)  # a PEFT adapter (with the head) or a full model
         self.tokenizer.save_pretrained(directory)
 
-    def card(self, *, model_path: str, adapter: bool) -> CardInfo:
-        example = "This was a wonderful experience."
-        if adapter:
-            id2label = json.dumps(dict(enumerate(self.labels)))
-            usage = f"""\
+    def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
+        labels = run.labels
+        return CardInfo(
+            pipeline_tag="text-classification",
+            library_name="peft" if artifact.adapter else "transformers",
+            usage=_usage(artifact, labels),
+            description=f"classifies text into {len(labels)} classes: {', '.join(labels)}",
+            sections=classification_sections(run),
+        )
+
+
+def _usage(artifact: Artifact, labels: list[str]) -> str:
+    example = "This was a wonderful experience."
+    where = f'"{artifact.location}"' + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
+    if not artifact.adapter and not artifact.subfolder:
+        return f"""\
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="{artifact.location}")
+print(classifier("{example}"))
+"""
+    if not artifact.adapter:
+        return f"""\
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+model = AutoModelForSequenceClassification.from_pretrained({where})
+tokenizer = AutoTokenizer.from_pretrained({where})
+classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
+print(classifier("{example}"))
+"""
+    # peft's Auto class builds the base model from the base config, which lacks this run's labels.
+    id2label = json.dumps(dict(enumerate(labels)))
+    return f"""\
 import torch
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
 
 id2label = {{int(k): v for k, v in {id2label}.items()}}
 model = AutoPeftModelForSequenceClassification.from_pretrained(
-    "{model_path}", num_labels={len(self.labels)}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
+    {where}, num_labels={len(labels)}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
 )
-tokenizer = AutoTokenizer.from_pretrained("{model_path}")
+tokenizer = AutoTokenizer.from_pretrained({where})
 inputs = tokenizer(["{example}"], return_tensors="pt")
 with torch.no_grad():
     print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])
 """
-        else:
-            usage = f"""\
-from transformers import pipeline
-
-classifier = pipeline("text-classification", model="{model_path}")
-print(classifier("{example}"))
-"""
-        return CardInfo(
-            pipeline_tag="text-classification",
-            library_name="peft" if adapter else "transformers",
-            usage=usage,
-            description=f"classifies text into {len(self.labels)} classes: {', '.join(self.labels)}",
-        )
 
 
 def _head_modules(model, loading_info: dict) -> list[str]:

@@ -1,0 +1,212 @@
+"""Pushing a finished run to the Hugging Face Hub: one commit with the model files, the card
+(rendered for the repo, so its snippet loads the repo) and the card's pictures.
+
+The token is huggingface_hub's business (HF_TOKEN, or `hf auth login`): it is never read into
+a recipe, a log, a card or a message here. Transient failures (network, 429, 5xx) are retried
+with exponential backoff; every failure ends in a PushError that says how to retry, and leaves
+the run directory untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.card import produces_adapter, render_card
+from finetune.errors import FinetuneError
+from finetune.rundir import RunLayout, read_run
+
+ATTEMPTS = 4
+BACKOFF_ENV = "FINETUNE_PUSH_BACKOFF"  # seconds before the first retry (doubles each time); default 2
+
+
+class PushError(FinetuneError):
+    """The push failed; the run directory is complete and the message says how to retry."""
+
+
+@dataclass
+class PushTarget:
+    repo_id: str
+    revision: str = "main"
+    private: bool | None = None
+    artifacts: str = "adapter"  # adapter | merged | both (adapter methods only)
+    include: list[str] = field(default_factory=list)  # logs | checkpoints | metrics
+    commit_message: str | None = None
+
+
+@dataclass
+class PushPlan:
+    target: PushTarget
+    root: Path
+    files: dict[str, Path | bytes]
+    """Path in the repo → a local file, or the bytes of the card rendered for the repo."""
+    card_metadata: str
+
+    def describe(self) -> str:
+        t = self.target
+        visibility = {None: "the account's default", True: "private", False: "public"}[t.private]
+        lines = [f"Would push {len(self.files)} files to {t.repo_id} (branch {t.revision}, new repo: {visibility}):"]
+        for path, source in sorted(self.files.items()):
+            size = len(source) if isinstance(source, bytes) else source.stat().st_size
+            origin = "card rendered for the repo" if isinstance(source, bytes) else str(source.relative_to(self.root))
+            lines.append(f"  {path:<48} {_size(size):>9}  ← {origin}")
+        lines += ["", "Card metadata:", self.card_metadata.rstrip()]
+        return "\n".join(lines)
+
+
+def plan_push(root: Path, target: PushTarget) -> PushPlan:
+    """What one commit will hold; checks the run directory, sends nothing."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from finetune.api import Artifact
+
+    try:
+        validate_repo_id(target.repo_id)
+    except HFValidationError as exc:
+        raise FinetuneError(f"--repo-id '{target.repo_id}' is not a valid Hub repo id: {exc}") from None
+    run = read_run(root)
+    layout = RunLayout(run.root)
+    adapter = produces_adapter(run)
+    if target.artifacts != "adapter":
+        if not adapter:
+            raise FinetuneError(
+                f"--artifacts {target.artifacts}: the method '{run.recipe.method.name}' saves a whole model, "
+                "there is no adapter to merge. Push it without --artifacts."
+            )
+        if not layout.merged.is_dir():
+            raise FinetuneError(
+                f"--artifacts {target.artifacts}: {layout.merged} is missing (the run was made without "
+                "output.merged). Push the adapter, or rerun with --set output.merged=true."
+            )
+
+    files: dict[str, Path | bytes] = {}
+    if target.artifacts in ("adapter", "both"):
+        files.update(_tree(layout.model, ""))
+        artifacts = [Artifact(target.repo_id, adapter=adapter)]
+        if target.artifacts == "both":
+            files.update(_tree(layout.merged, "merged/"))
+            artifacts.append(Artifact(target.repo_id, adapter=False, subfolder="merged"))
+    else:
+        files.update(_tree(layout.merged, ""))
+        artifacts = [Artifact(target.repo_id, adapter=False)]
+    card = render_card(run, artifacts)  # also (re)writes the pictures it embeds
+    files["README.md"] = card.encode()
+    files.update(_tree(layout.images, "images/"))
+    extra = {"logs": [layout.steplog.parent], "checkpoints": [layout.checkpoints],
+             "metrics": [layout.metrics, layout.predictions]}
+    for name in target.include:
+        for path in extra[name]:
+            files.update(_tree(path, f"{path.name}/") if path.is_dir() else {path.name: path} if path.is_file() else {})
+    from huggingface_hub import ModelCard
+
+    return PushPlan(target, run.root, files, card_metadata=ModelCard(card).data.to_yaml())
+
+
+def _tree(folder: Path, prefix: str) -> dict[str, Path]:
+    """Every file under `folder` (hidden and temporary ones excepted), keyed by its path in the repo."""
+    if not folder.is_dir():
+        return {}
+    return {
+        prefix + p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
+
+
+def push(plan: PushPlan) -> str:
+    """Create the repo (and branch) if needed and make one commit; return the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+
+    t = plan.target
+    retry = f"Nothing was lost: {plan.root} is complete. Retry with: {retry_command(plan.root, t)}"
+    if constants.HF_HUB_OFFLINE:
+        raise PushError(f"the push was not sent: HF_HUB_OFFLINE is set, so the Hub cannot be reached. Unset it. {retry}")
+    token = get_token()
+    if not token:
+        raise PushError(f"the push was not sent: there is no Hugging Face token. Set HF_TOKEN or run `hf auth login` (a token with write access). {retry}")
+    api = HfApi(token=token)
+    message = t.commit_message or f"finetune: {plan.root.name}"
+
+    def commit():
+        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=source) for path, source in plan.files.items()]
+        return api.create_commit(t.repo_id, operations=operations, commit_message=message, revision=t.revision)
+
+    try:
+        _with_retries(lambda: api.create_repo(t.repo_id, private=t.private, exist_ok=True))
+        if t.revision != "main":
+            _with_retries(lambda: api.create_branch(t.repo_id, branch=t.revision, exist_ok=True))
+        info = _with_retries(commit)
+    except Exception as exc:
+        raise PushError(f"pushing to {t.repo_id} failed: {_explain(exc, t.repo_id).replace(token, '***')} {retry}") from None
+    return info.commit_url
+
+
+def retry_command(root: Path, t: PushTarget) -> str:
+    command = f"finetune push {root} --repo-id {t.repo_id}"
+    if t.revision != "main":
+        command += f" --revision {t.revision}"
+    if t.artifacts != "adapter":
+        command += f" --artifacts {t.artifacts}"
+    return command + "".join(f" --include {name}" for name in t.include)
+
+
+def _with_retries(call):
+    delay = float(os.environ.get(BACKOFF_ENV, "2"))
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == ATTEMPTS or not _transient(exc):
+                raise
+            print(f"Hub request failed ({_explain(exc)}); retrying in {delay:g} s ({attempt}/{ATTEMPTS - 1})", flush=True)
+            time.sleep(delay)
+            delay *= 2
+
+
+def _status(exc: Exception) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _transient(exc: Exception) -> bool:
+    status = _status(exc)
+    if status is not None:
+        return status == 429 or status >= 500
+    return isinstance(exc, _network_errors())
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's transport errors (huggingface_hub's client changed between releases)."""
+    errors: list[type[Exception]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def _explain(exc: Exception, repo_id: str = "") -> str:
+    from huggingface_hub import constants
+
+    status = _status(exc)
+    if status == 401:
+        return "the Hub refused the token (401 Unauthorized). Set HF_TOKEN or run `hf auth login` with a valid token."
+    if status == 403:
+        return (f"the token may not write to {repo_id} (403 Forbidden). Use a token with write access to that "
+                "namespace, or push to your own (--repo-id YOUR_NAME/...).")
+    if status == 404:
+        return f"the Hub does not know {repo_id} or its namespace (404 Not Found). Check --repo-id."
+    if status is not None:
+        server = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
+        return f"the Hub answered {status}: {server}."
+    if isinstance(exc, _network_errors()):
+        return f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}: {exc}). Check the network connection."
+    return f"{type(exc).__name__}: {exc}."
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024**2 else f"{n / 1024**2:.1f} MB"

@@ -1,0 +1,129 @@
+"""Facts about a run that its card reports and that cannot be recovered afterwards: where the
+base model and the data came from (with content hashes for local files), label counts, the
+hardware and the library versions. Collected while training and stored in metrics.json, so
+`finetune card RUN_DIR` needs nothing but the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+from finetune.recipe import DATA_FORMATS, Recipe
+from finetune.sources import PACKAGE_PREFIX
+
+VERSIONED = ("finetune", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "timm", "diffusers",
+             "huggingface_hub")
+
+
+def base_model_facts(recipe: Recipe, source: str) -> dict:
+    """The base model as the card names it: a Hub id when it came from the Hub, and its license when known."""
+    local = Path(source).is_dir()
+    return {
+        "name": recipe.model.name,
+        "hub_id": None if local else source,
+        "revision": recipe.model.revision,
+        "origin": "package" if recipe.model.name.startswith(PACKAGE_PREFIX) else "local" if local else "hub",
+        "license": _license(source, recipe.model.revision, local),
+    }
+
+
+def _license(source: str, revision: str | None, local: bool) -> str | None:
+    """The base model's license from its own card: the local README.md, else a cached or fetched one."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    if local:
+        readme = Path(source) / "README.md"
+    else:
+        cached = try_to_load_from_cache(source, "README.md", revision=revision)
+        readme = Path(cached) if isinstance(cached, str) else None
+    try:
+        if readme is not None and readme.is_file():
+            return ModelCard.load(readme).data.license
+        if not local and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+            from huggingface_hub import model_info
+
+            info = model_info(source, revision=revision, timeout=10)
+            return (info.card_data or {}).get("license")
+    except Exception:  # an unreadable card or no network: the license is simply unknown
+        return None
+    return None
+
+
+def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved: bool) -> dict:
+    """Source, file hashes and, for classification, label names and counts per split."""
+    from datasets import ClassLabel
+
+    data = recipe.data
+    facts: dict = {
+        "source": data.path,
+        "config": data.config,
+        "revision": data.revision,
+        "roles": {"train": data.train_split, "eval": data.eval_split, "test": data.test_split},
+        "eval_carved_from_train": eval_carved,
+    }
+    if data.files:
+        facts["files"] = {
+            split: {
+                "name": Path(file).name,
+                "format": DATA_FORMATS[Path(file).suffix.lower()],
+                "sha256": _sha256(recipe.resolve(file)),
+            }
+            for split, file in data.files.items()
+        }
+    feature = splits["train"].features.get(label_column) if label_column else None
+    if isinstance(feature, ClassLabel):
+        facts["labels"] = list(feature.names)
+        facts["label_counts"] = {
+            role: {feature.names[i]: n for i, n in sorted(Counter(splits[role][label_column]).items())}
+            for role in ("train", "eval", "test")
+            if role in splits
+        }
+    return facts
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def environment_facts(accelerator) -> dict:
+    import torch
+
+    if accelerator.device.type == "cuda":
+        hardware = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(accelerator.device)}"
+    else:
+        hardware = f"CPU ({_cpu_name()}, {os.cpu_count()} cores)"
+    return {
+        "hardware": hardware,
+        "processes": accelerator.num_processes,
+        "python": platform.python_version(),
+        "versions": _versions(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
