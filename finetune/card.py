@@ -172,6 +172,12 @@ def limitations(run: RunRecord) -> list[str]:
             f"The training classes are imbalanced ('{most}': {counts[most]}, '{least}': {counts[least]} examples): "
             "overall accuracy flatters the frequent classes; read the per-class results."
         )
+    base = summary.get("base_model", {})
+    if produces_adapter(run) and base.get("origin", "hub") != "hub":
+        notes.append(
+            f"The base model was loaded from a local folder ({base['name']}), and the adapter names that path as "
+            "its base (`base_model_name_or_path` in adapter_config.json): elsewhere, point it at the same weights."
+        )
     stop = recipe.eval.early_stopping
     if summary["stopped_early"] and stop is not None:
         notes.append(

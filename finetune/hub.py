@@ -82,16 +82,18 @@ def plan_push(root: Path, target: PushTarget) -> PushPlan:
                 "output.merged). Push the adapter, or rerun with --set output.merged=true."
             )
 
+    # "both": the merged model at the root (transformers finds an adapter_config.json at a repo's
+    # root even when asked for a subfolder, so the adapter goes in adapter/ instead).
     files: dict[str, Path | bytes] = {}
-    if target.artifacts in ("adapter", "both"):
+    if target.artifacts == "adapter":
         files.update(_tree(layout.model, ""))
         artifacts = [Artifact(target.repo_id, adapter=adapter)]
-        if target.artifacts == "both":
-            files.update(_tree(layout.merged, "merged/"))
-            artifacts.append(Artifact(target.repo_id, adapter=False, subfolder="merged"))
     else:
         files.update(_tree(layout.merged, ""))
         artifacts = [Artifact(target.repo_id, adapter=False)]
+        if target.artifacts == "both":
+            files.update(_tree(layout.model, "adapter/"))
+            artifacts.append(Artifact(target.repo_id, adapter=True, subfolder="adapter"))
     card = render_card(run, artifacts)  # also (re)writes the pictures it embeds
     files["README.md"] = card.encode()
     files.update(_tree(layout.images, "images/"))
@@ -106,13 +108,15 @@ def plan_push(root: Path, target: PushTarget) -> PushPlan:
 
 
 def _tree(folder: Path, prefix: str) -> dict[str, Path]:
-    """Every file under `folder` (hidden and temporary ones excepted), keyed by its path in the repo."""
+    """Every file under `folder`, keyed by its path in the repo. Hidden and temporary files stay
+    behind, and so does a model folder's own README.md (peft writes a stub): the card replaces it."""
     if not folder.is_dir():
         return {}
     return {
         prefix + p.relative_to(folder).as_posix(): p
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file() and p.relative_to(folder).as_posix() != "README.md"
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     }
 
 

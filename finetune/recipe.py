@@ -144,7 +144,7 @@ class HubSection(Section):
         description="Run files to push as well: logs (logs/), checkpoints (checkpoints/, with optimizer states), "
         "metrics (metrics.json, predictions.json).",
     )
-    commit_message: str | None = Field(None, description="Commit message; default: \"finetune: <name> (<method>)\".")
+    commit_message: str | None = Field(None, description="Commit message; default: `finetune: <run directory name>`.")
 
     @model_validator(mode="after")
     def _target(self) -> HubSection:

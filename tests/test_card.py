@@ -87,13 +87,14 @@ def test_card_metadata_content_and_pictures(tmp_path, pretrained_distilbert):
         assert (run_dir / "images" / image).read_bytes().startswith(PNG_MAGIC)
         assert f"](images/{image})" in card_text
 
-    # Limitations the run shows: a 12-example eval split and 3:1 classes.
+    # Limitations the run shows: a 12-example eval split, 3:1 classes, an adapter on a local base.
     assert "The eval split has only 12 examples" in card_text
+    assert f"The base model was loaded from a local folder ({base})" in card_text
     assert "The training classes are imbalanced ('negative': 81, 'positive': 27 examples)" in card_text
 
     # Both snippets (the adapter, the merged copy) run as written.
     adapter_snippet, merged_snippet = snippets(card_text)
-    assert "AutoPeftModelForSequenceClassification" in adapter_snippet and "model-merged" in merged_snippet
+    assert "PeftModel.from_pretrained(base" in adapter_snippet and "model-merged" in merged_snippet
     for snippet in (adapter_snippet, merged_snippet):
         printed = exec_snippet(snippet)
         assert len(printed) == 1 and ("negative" in printed[0] or "positive" in printed[0])

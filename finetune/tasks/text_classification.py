@@ -168,33 +168,26 @@ class TextClassification:
 def _usage(artifact: Artifact, labels: list[str]) -> str:
     example = "This was a wonderful experience."
     where = f'"{artifact.location}"' + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
-    if not artifact.adapter and not artifact.subfolder:
+    if not artifact.adapter:
         return f"""\
 from transformers import pipeline
 
 classifier = pipeline("text-classification", model="{artifact.location}")
 print(classifier("{example}"))
 """
-    if not artifact.adapter:
-        return f"""\
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-
-model = AutoModelForSequenceClassification.from_pretrained({where})
-tokenizer = AutoTokenizer.from_pretrained({where})
-classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
-print(classifier("{example}"))
-"""
-    # peft's Auto class builds the base model from the base config, which lacks this run's labels.
+    # The base model is built with this run's labels: the base config has none.
     id2label = json.dumps(dict(enumerate(labels)))
     return f"""\
 import torch
-from peft import AutoPeftModelForSequenceClassification
-from transformers import AutoTokenizer
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 id2label = {{int(k): v for k, v in {id2label}.items()}}
-model = AutoPeftModelForSequenceClassification.from_pretrained(
-    {where}, num_labels={len(labels)}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
+config = PeftConfig.from_pretrained({where})
+base = AutoModelForSequenceClassification.from_pretrained(
+    config.base_model_name_or_path, num_labels={len(labels)}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
 )
+model = PeftModel.from_pretrained(base, {where})
 tokenizer = AutoTokenizer.from_pretrained({where})
 inputs = tokenizer(["{example}"], return_tensors="pt")
 with torch.no_grad():
