@@ -92,6 +92,18 @@ def test_card_metadata_content_and_pictures(tmp_path, pretrained_distilbert):
     assert f"The base model was loaded from a local folder ({base})" in card_text
     assert "The training classes are imbalanced ('negative': 81, 'positive': 27 examples)" in card_text
 
+    # A base model from the Hub is named as such, with the adapter relation.
+    from finetune.api import Artifact, CardInfo
+    from finetune.card import card_data
+    from finetune.rundir import read_run
+
+    run = read_run(run_dir)
+    run.summary["base_model"].update(hub_id="distilbert/distilbert-base-uncased", origin="hub")
+    info = CardInfo(pipeline_tag="text-classification", library_name="peft", usage="")
+    hub_meta = card_data(run, info, Artifact("me/x", adapter=True)).to_dict()
+    assert hub_meta["base_model"] == "distilbert/distilbert-base-uncased" and hub_meta["base_model_relation"] == "adapter"
+    assert card_data(run, info, Artifact("me/x", adapter=False)).to_dict()["base_model_relation"] == "finetune"
+
     # Both snippets (the adapter, the merged copy) run as written.
     adapter_snippet, merged_snippet = snippets(card_text)
     assert "PeftModel.from_pretrained(base" in adapter_snippet and "model-merged" in merged_snippet
