@@ -54,7 +54,10 @@ def run(recipe, overrides, resume, overwrite, processes):
 
         # Checked once here, so a refusal is one message rather than one per process.
         RunLayout(loaded.run_dir).check_startable(loaded.to_yaml(), resume=resume, overwrite=overwrite)
-        sys.exit(_launch(processes))
+        status = _launch(processes)
+        if status == 0 and loaded.hub.push:
+            _push_after_run(loaded)  # once, from the launcher, after every rank has finished
+        sys.exit(status)
 
     from finetune.pipeline import run as run_pipeline
 
@@ -62,14 +65,8 @@ def run(recipe, overrides, resume, overwrite, processes):
     if int(os.environ.get("RANK", "0")) != 0:
         return
     _print_summary(summary)
-    if loaded.hub.push:
-        from finetune.hub import PushError
-
-        try:
-            _push(summary.run_dir, _target_from(loaded.hub))
-        except PushError as exc:
-            click.echo(f"\nThe run is trained and saved, but {exc}", err=True)
-            sys.exit(PUSH_FAILED)
+    if loaded.hub.push and LAUNCHED_ENV not in os.environ:
+        _push_after_run(loaded)
 
 
 @main.command()
@@ -137,6 +134,17 @@ def list_plugins():
 
 
 PUSH_FAILED = 3  # `finetune run`: trained and saved, but the push failed
+LAUNCHED_ENV = "FINETUNE_LAUNCHED"  # set for the ranks that --processes starts: the launcher pushes
+
+
+def _push_after_run(recipe) -> None:
+    from finetune.hub import PushError
+
+    try:
+        _push(recipe.run_dir, _target_from(recipe.hub))
+    except PushError as exc:
+        click.echo(f"\nThe run is trained and saved, but {exc}", err=True)
+        sys.exit(PUSH_FAILED)
 
 
 def _target_from(hub):
@@ -163,7 +171,7 @@ def _launch(processes: int) -> int:
     On a machine without a GPU each rank trains on the CPU and gradients are averaged over gloo."""
     import torch
 
-    env = dict(os.environ)
+    env = {**os.environ, LAUNCHED_ENV: "1"}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",

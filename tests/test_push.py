@@ -230,3 +230,15 @@ def test_recipe_refuses_a_token_and_a_push_without_repo(tmp_path, sentiment_dir,
     body["hub"] = {"push": True}
     result = CliRunner().invoke(main, ["validate", str(testing.write_recipe(tmp_path / "r.yaml", body))])
     assert result.exit_code == 1 and "hub: push is true but repo_id is missing; set hub.repo_id: user/name" in result.output
+
+
+def test_two_process_run_pushes_once_after_both_ranks_finish(tmp_path, pretrained_distilbert, sentiment_dir):
+    body = testing.text_recipe(pretrained_distilbert, sentiment_dir, tmp_path / "run", "full", train={"max_steps": 4},
+                               hub={"push": True, "repo_id": REPO})
+    with HubDouble(token=TOKEN) as hub:
+        result = finetune("run", testing.write_recipe(tmp_path / "r.yaml", body), "--processes", "2",
+                          hub_url=hub.url, home=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert len(hub.repos[REPO].commits) == 1
+        assert len([r for r in hub.requests if r.path == "/api/repos/create"]) == 1
+    assert result.stdout.count("pushed: ") == 1
