@@ -162,8 +162,8 @@ def limitations(run: RunRecord) -> list[str]:
         if 0 < n < SMALL_SPLIT:
             note = f"The {split} split has only {n} examples"
             if "accuracy" in values:
-                p = values["accuracy"]
-                note += f": its accuracy of {p:.3f} is uncertain by about ±{1.96 * math.sqrt(p * (1 - p) / n):.3f} (95% interval)"
+                low, high = _wilson_interval(values["accuracy"], n)
+                note += f": its accuracy of {values['accuracy']:.3f} could well be anywhere from {low:.3f} to {high:.3f} (95% Wilson interval)"
             notes.append(note + ".")
     counts = summary.get("data", {}).get("label_counts", {}).get("train")
     if counts and min(counts.values()) > 0 and max(counts.values()) / min(counts.values()) >= IMBALANCE:
@@ -196,6 +196,13 @@ def limitations(run: RunRecord) -> list[str]:
                 f"{history[-1][watched]:.4f}); the best eval {watched}, {best[watched]:.4f}, was at step {best['step']}."
             )
     return notes
+
+
+def _wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a proportion; unlike p ± z·√(p(1-p)/n) it does not collapse at 0 or 1."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _hyperparameters(recipe) -> dict:

@@ -138,12 +138,15 @@ LAUNCHED_ENV = "FINETUNE_LAUNCHED"  # set for the ranks that --processes starts:
 
 
 def _push_after_run(recipe) -> None:
-    from finetune.hub import PushError
+    from finetune.hub import PushError, retry_command
 
+    target = _target_from(recipe.hub)
     try:
-        _push(recipe.run_dir, _target_from(recipe.hub))
-    except PushError as exc:
-        click.echo(f"\nThe run is trained and saved, but {exc}", err=True)
+        _push(recipe.run_dir, target)
+    except (FinetuneError, OSError) as exc:
+        click.echo(f"\nThe run is trained and saved, but the push did not happen: {exc}", err=True)
+        if not isinstance(exc, PushError):  # a PushError already says how to retry
+            click.echo(f"Retry with: {retry_command(recipe.run_dir, target)}", err=True)
         sys.exit(PUSH_FAILED)
 
 

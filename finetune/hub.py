@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,32 +143,51 @@ def push(plan: PushPlan) -> str:
         _with_retries(lambda: api.create_repo(t.repo_id, private=t.private, exist_ok=True))
         if t.revision != "main":
             _with_retries(lambda: api.create_branch(t.repo_id, branch=t.revision, exist_ok=True))
-        info = _with_retries(commit)
+        # huggingface_hub already retries the upload requests (preupload, LFS) with its own
+        # backoff; only a failed commit request itself is worth repeating here.
+        info = _with_retries(commit, only=lambda exc: "/commit/" in _url(exc))
     except Exception as exc:
-        raise PushError(f"pushing to {t.repo_id} failed: {_explain(exc, t.repo_id).replace(token, '***')} {retry}") from None
+        raise PushError(f"pushing to {t.repo_id} failed: {_explain(exc, t.repo_id)} {retry}") from None
     return info.commit_url
 
 
 def retry_command(root: Path, t: PushTarget) -> str:
-    command = f"finetune push {root} --repo-id {t.repo_id}"
+    """The command that repeats this push exactly (visibility included: a retry must not make a private model public)."""
+    command = f"finetune push {shlex.quote(str(root))} --repo-id {t.repo_id}"
     if t.revision != "main":
-        command += f" --revision {t.revision}"
+        command += f" --revision {shlex.quote(t.revision)}"
+    if t.private is not None:
+        command += " --private" if t.private else " --public"
     if t.artifacts != "adapter":
         command += f" --artifacts {t.artifacts}"
-    return command + "".join(f" --include {name}" for name in t.include)
+    command += "".join(f" --include {name}" for name in t.include)
+    if t.commit_message:
+        command += f" --message {shlex.quote(t.commit_message)}"
+    return command
 
 
-def _with_retries(call):
+def _with_retries(call, only=lambda exc: True):
     delay = float(os.environ.get(BACKOFF_ENV, "2"))
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return call()
         except Exception as exc:
-            if attempt == ATTEMPTS or not _transient(exc):
+            if attempt == ATTEMPTS or not (_transient(exc) and only(exc)):
                 raise
             print(f"Hub request failed ({_explain(exc)}); retrying in {delay:g} s ({attempt}/{ATTEMPTS - 1})", flush=True)
             time.sleep(delay)
             delay *= 2
+
+
+def _url(exc: Exception) -> str:
+    """The URL of the request that failed, for HTTP and transport errors alike."""
+    request = getattr(getattr(exc, "response", None), "request", None)
+    if request is None:
+        try:
+            request = getattr(exc, "request", None)  # httpx raises when an error has no request
+        except RuntimeError:
+            request = None
+    return str(getattr(request, "url", ""))
 
 
 def _status(exc: Exception) -> int | None:
@@ -183,13 +203,15 @@ def _transient(exc: Exception) -> bool:
 
 
 def _network_errors() -> tuple[type[Exception], ...]:
-    """The HTTP client's transport errors (huggingface_hub's client changed between releases)."""
+    """Transport errors worth a retry: the network, not a malformed request (huggingface_hub's
+    HTTP client is httpx or its fork httpx2, depending on the release)."""
     errors: list[type[Exception]] = [ConnectionError, TimeoutError]
     for module in ("httpx2", "httpx"):
         try:
-            errors.append(importlib.import_module(module).TransportError)
+            client = importlib.import_module(module)
         except ImportError:
-            pass
+            continue
+        errors += [client.NetworkError, client.TimeoutException, client.RemoteProtocolError]
     return tuple(errors)
 
 
@@ -207,9 +229,10 @@ def _explain(exc: Exception, repo_id: str = "") -> str:
     if status is not None:
         server = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
         return f"the Hub answered {status}: {server}."
+    # Transport errors can quote the request's headers, token included: name the error, not its text.
     if isinstance(exc, _network_errors()):
-        return f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}: {exc}). Check the network connection."
-    return f"{type(exc).__name__}: {exc}."
+        return f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}). Check the network connection."
+    return f"the request failed ({type(exc).__name__}); check the Hub's status, then retry."
 
 
 def _size(n: int) -> str:

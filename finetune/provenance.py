@@ -26,7 +26,6 @@ def base_model_facts(recipe: Recipe, source: str) -> dict:
     return {
         "name": recipe.model.name,
         "hub_id": None if local else source,
-        "revision": recipe.model.revision,
         "origin": "package" if recipe.model.name.startswith(PACKAGE_PREFIX) else "local" if local else "hub",
         "license": _license(source, recipe.model.revision, local),
     }
@@ -61,9 +60,6 @@ def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved:
     data = recipe.data
     facts: dict = {
         "source": data.path,
-        "config": data.config,
-        "revision": data.revision,
-        "roles": {"train": data.train_split, "eval": data.eval_split, "test": data.test_split},
         "eval_carved_from_train": eval_carved,
     }
     if data.files:
@@ -98,7 +94,7 @@ def environment_facts(accelerator) -> dict:
     import torch
 
     if accelerator.device.type == "cuda":
-        hardware = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(accelerator.device)}"
+        hardware = f"{accelerator.num_processes} × {torch.cuda.get_device_name(accelerator.device)}"
     else:
         hardware = f"CPU ({_cpu_name()}, {os.cpu_count()} cores)"
     return {

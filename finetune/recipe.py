@@ -137,7 +137,7 @@ class HubSection(Section):
     )
     revision: str = Field("main", description="Branch to commit to; created from main when missing.")
     artifacts: Literal["adapter", "merged", "both"] = Field(
-        "adapter", description="Adapter methods (LoRA): push the adapter, the merged model, or both (the merged one in merged/)."
+        "adapter", description="Adapter methods (LoRA): push the adapter, the merged model, or both (merged at the root, the adapter in adapter/)."
     )
     include: list[Literal["logs", "checkpoints", "metrics"]] = Field(
         default_factory=list,

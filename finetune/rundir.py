@@ -50,7 +50,7 @@ class RunLayout:
                     f"--resume: there is no complete checkpoint in {self.checkpoints}. "
                     "Start the run without --resume (add --overwrite to replace the directory)."
                 )
-            changed = _changed_keys(yaml.safe_load(self.recipe.read_text()), yaml.safe_load(recipe_yaml))
+            changed = _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml))
             if changed:
                 raise FinetuneError(
                     f"--resume: the recipe differs from the one {self.root} was started with "
@@ -92,13 +92,31 @@ def read_run(root: Path):
             f"{layout.root} holds no finished run ({', '.join(missing)} missing). Finish it first: "
             "`finetune run RECIPE --resume`, with the recipe it was started from, continues from its last checkpoint."
         )
+    summary = json.loads(layout.metrics.read_text())
+    if "data" not in summary:
+        raise FinetuneError(
+            f"{layout.root} was made by an earlier finetune version: its metrics.json lacks the data and "
+            "environment facts a card needs. Rerun the recipe (with --overwrite) to get a full card."
+        )
     return RunRecord(
         root=layout.root.resolve(),
         recipe=load_recipe(layout.recipe, cross_check=False),
-        summary=json.loads(layout.metrics.read_text()),
+        summary=summary,
         predictions=json.loads(layout.predictions.read_text()),
         steps=read_steplog(layout.steplog) if layout.steplog.is_file() else [],
     )
+
+
+def _normalised(recipe_file: Path) -> dict:
+    """A run's recipe copy with today's defaults filled in, so a section added to finetune since
+    the run started does not count as a change on --resume."""
+    from finetune.errors import RecipeError
+    from finetune.recipe import load_recipe
+
+    try:
+        return yaml.safe_load(load_recipe(recipe_file, cross_check=False).to_yaml())
+    except RecipeError:
+        return yaml.safe_load(recipe_file.read_text())
 
 
 def _changed_keys(old, new, prefix: str = "") -> list[str]:

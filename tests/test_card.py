@@ -148,7 +148,16 @@ def test_card_command_on_an_unfinished_run_says_what_is_missing(tmp_path):
     assert not (tmp_path / "README.md").exists()
 
 
-def test_card_notes_early_stop_and_best_step(recipe_file):
+def test_small_split_interval_does_not_collapse_at_perfect_accuracy():
+    from finetune.card import _wilson_interval
+
+    low, high = _wilson_interval(1.0, 12)
+    assert high == 1.0 and round(low, 3) == 0.757
+    low, high = _wilson_interval(0.5, 100)
+    assert round(low, 3) == 0.404 and round(high, 3) == 0.596
+
+
+def test_card_notes_early_stop(recipe_file):
     path, run_dir = recipe_file(
         "full", train={"lr": 1e-12, "scheduler": "constant", "epochs": 10},
         eval={"every_steps": 2, "metrics": ["accuracy"], "early_stopping": {"metric": "accuracy", "patience": 2}},

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ["torch", "transformers", "timm", "diffusers", "peft", "evaluate", "accelerate", "datasets"]
+HEAVY = ["torch", "transformers", "timm", "diffusers", "peft", "evaluate", "accelerate", "datasets", "matplotlib", "sklearn"]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -58,6 +58,20 @@ def lora_run(tmp_path_factory, pretrained_distilbert, sentiment_dir) -> Path:
     return work / "run"
 
 
+def run_card_snippets(card_text: str, repo_files: dict[str, bytes], mirror: Path) -> None:
+    """Run the pushed card's snippets against a local copy of what the commit holds."""
+    for path, data in repo_files.items():
+        (mirror / path).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / path).write_bytes(data)
+    snippets = re.findall(r"```python\n(.*?)```", card_text, re.S)
+    assert snippets
+    for snippet in snippets:
+        assert f'"{REPO}"' in snippet
+        printed = []
+        exec(snippet.replace(f'"{REPO}"', f'"{mirror}"'), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
+        assert len(printed) == 1 and ("negative" in printed[0] or "positive" in printed[0])
+
+
 def assert_token_only_in_auth_header(hub: HubDouble, *texts: str) -> None:
     for request in hub.requests:
         assert TOKEN not in request.path + request.query
@@ -104,17 +118,10 @@ def test_push_makes_one_commit_with_model_card_and_images(lora_run, tmp_path):
     assert pushed[("test.jsonl", "accuracy")] == summary["metrics"]["test"]["accuracy"]
 
     # The snippets load the repo's layout: run them on a local copy of what was committed.
-    mirror = tmp_path / "mirror"
-    for path, data in files.items():
-        (mirror / path).parent.mkdir(parents=True, exist_ok=True)
-        (mirror / path).write_bytes(data)
     merged_snippet, adapter_snippet = re.findall(r"```python\n(.*?)```", card.text, re.S)
     assert f'model="{REPO}"' in merged_snippet and f'"{REPO}", subfolder="adapter"' in adapter_snippet
     assert str(lora_run) not in adapter_snippet + merged_snippet
-    for snippet in (adapter_snippet, merged_snippet):
-        printed = []
-        exec(snippet.replace(f'"{REPO}"', f'"{mirror}"'), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
-        assert len(printed) == 1 and ("negative" in printed[0] or "positive" in printed[0])
+    run_card_snippets(card.text, files, tmp_path / "mirror")
 
     assert snapshot(lora_run) == before  # the push changed nothing in the run directory
 
@@ -123,6 +130,9 @@ def test_repush_to_an_existing_repo_and_branch_with_logs(lora_run, tmp_path):
     with HubDouble(token=TOKEN) as hub:
         first = finetune("push", lora_run, "--repo-id", REPO, "--private", hub_url=hub.url, home=tmp_path)
         assert first.returncode == 0, first.stderr
+        adapter_repo = hub.files(REPO)  # the default: the adapter at the root, with its own snippet
+        assert "adapter_model.safetensors" in adapter_repo and "config.json" not in adapter_repo
+        run_card_snippets(adapter_repo["README.md"].decode(), adapter_repo, tmp_path / "mirror")
         again = finetune("push", lora_run, "--repo-id", REPO, "--public", "--include", "logs", "--include", "metrics",
                          "--revision", "experiment", hub_url=hub.url, home=tmp_path)
         assert again.returncode == 0, again.stderr
@@ -149,13 +159,23 @@ def test_dry_run_lists_files_and_metadata_and_sends_nothing(lora_run, tmp_path):
 def test_refused_token_fails_clearly_and_loses_nothing(lora_run, tmp_path):
     before = snapshot(lora_run)
     with HubDouble(token=TOKEN) as hub:
-        result = finetune("push", lora_run, "--repo-id", REPO, hub_url=hub.url, home=tmp_path, token="hf_wrong_token")
+        result = finetune("push", lora_run, "--repo-id", REPO, "--private", hub_url=hub.url, home=tmp_path,
+                          token="hf_wrong_token")
         assert REPO not in hub.repos
     assert result.returncode == 1
     assert "the Hub refused the token (401 Unauthorized)" in result.stderr
-    assert f"Nothing was lost: {lora_run} is complete. Retry with: finetune push {lora_run} --repo-id {REPO}" in result.stderr
+    # The retry keeps the visibility: it must not create the repo public.
+    assert f"Nothing was lost: {lora_run} is complete. Retry with: finetune push {lora_run} --repo-id {REPO} --private" in result.stderr
     assert "hf_wrong_token" not in result.stdout + result.stderr and "Traceback" not in result.stderr
     assert snapshot(lora_run) == before
+
+
+def test_a_malformed_token_is_not_echoed_nor_retried(lora_run, tmp_path):
+    # The HTTP client rejects a header with a control character and quotes it in its error.
+    with HubDouble(token=TOKEN) as hub:
+        result = finetune("push", lora_run, "--repo-id", REPO, hub_url=hub.url, home=tmp_path, token="hf_bad\x0bsecret")
+    assert result.returncode == 1 and "retrying" not in result.stdout
+    assert "secret" not in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
 def test_forbidden_namespace_fails_clearly(lora_run, tmp_path):
@@ -213,8 +233,8 @@ def test_run_with_hub_push_trains_and_pushes_or_reports_trained(tmp_path, pretra
         failed = finetune("run", recipe("refused"), hub_url=hub.url, home=tmp_path, token="hf_wrong_token")
     assert failed.returncode == 3, failed.stderr
     assert "test: loss" in failed.stdout  # the run's own summary
-    assert "The run is trained and saved, but pushing to test-user/refused failed" in failed.stderr
-    assert f"Retry with: finetune push {tmp_path / 'refused'} --repo-id test-user/refused" in failed.stderr
+    assert "The run is trained and saved, but the push did not happen: pushing to test-user/refused failed" in failed.stderr
+    assert f"Retry with: finetune push {tmp_path / 'refused'} --repo-id test-user/refused --private" in failed.stderr
     assert (tmp_path / "refused" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "refused" / "README.md").is_file()
 

@@ -167,12 +167,12 @@ class TextClassification:
 
 def _usage(artifact: Artifact, labels: list[str]) -> str:
     example = "This was a wonderful experience."
-    where = f'"{artifact.location}"' + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
+    where = json.dumps(artifact.location) + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
     if not artifact.adapter:
         return f"""\
 from transformers import pipeline
 
-classifier = pipeline("text-classification", model="{artifact.location}")
+classifier = pipeline("text-classification", model={json.dumps(artifact.location)})
 print(classifier("{example}"))
 """
     # The base model is built with this run's labels: the base config has none.
