@@ -83,7 +83,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         "stopped_early": state["stopped_early"],
         "train_seconds": round(train_seconds, 1),
         "history": state["history"],
-        "world_size": accelerator.num_processes,
         "base_model": base_model_facts(recipe, source),
         "data": data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved),
         "environment": environment_facts(accelerator),

@@ -204,7 +204,7 @@ def test_two_processes_keep_parameters_identical(recipe_file):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["environment"]["processes"] == 2
     first, second = summary["rank_checksums"]
     assert first == second
 
