@@ -39,6 +39,9 @@ class TaskModel:
     """Default module names for LoRA when the recipe names none."""
     peft_task_type: str | None = None
     """peft TaskType (e.g. SEQ_CLS) so that peft's Auto classes can reload the adapter."""
+    hub_id: str | None = None
+    """The Hub repo the pretrained weights came from, when model.name does not say it plainly
+    (timm's `resnet50.a1_in1k` is `timm/resnet50.a1_in1k`); None: model.name, unless it is local."""
 
 
 @dataclass
@@ -58,6 +61,8 @@ class CardInfo:
     to `run.images_dir` and embedded as `![caption](images/NAME.png)`."""
     template: str | None = None
     """Path of the plugin's own Jinja template, used instead of cards/model_card.md."""
+    limitations: list[str] = field(default_factory=list)
+    """Task-specific notes for the card's Limitations, after the core's (e.g. images skipped as unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,10 @@ class Task(Protocol):
 
         Raise finetune.errors.DataError with a message naming the column or file on bad data."""
 
+    def data_facts(self) -> dict:
+        """What `prepare_data` found worth recording (rows dropped and why, files skipped), stored in
+        metrics.json under `data.task` for the card; {} when there is nothing to say."""
+
     def build_model(self, source: str, revision: str | None) -> TaskModel:
         """Load the pretrained backbone from `source` (Hub id or local directory) and add the task's head."""
 
@@ -127,7 +136,8 @@ class Task(Protocol):
         """Forward pass; return a dict holding at least `loss`."""
 
     def eval_step(self, model: torch.nn.Module, batch: dict) -> dict:
-        """Forward pass without gradients; return `loss` and, to compute metrics, `predictions` and `references`."""
+        """Forward pass without gradients; return `loss` and, to compute metrics, `predictions` and
+        `references`, and `scores` (per-class logits) for metrics that rank classes, such as top-5 accuracy."""
 
     def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
         """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
@@ -148,6 +158,11 @@ class Method(Protocol):
 
     def prepare(self, task_model: TaskModel) -> torch.nn.Module:
         """Make the model trainable this method's way; return the module to train."""
+
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        """The trainable parameters of the prepared `model`, grouped for the optimizer:
+        `[{"params": [...]}, {"params": [...], "lr": 1e-5}]`; a group without "lr" uses train.lr.
+        The core splits every group again for weight decay."""
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         """Fold an adapter into its base model (adapter methods only)."""

@@ -94,7 +94,7 @@ def render_card(run: RunRecord, artifacts: list[Artifact]) -> str:
         hyperparameters=_hyperparameters(recipe),
         history=summary["history"],
         curves=f"images/{CURVES}" if curves else None,
-        limitations=limitations(run),
+        limitations=[*limitations(run), *info.limitations],
         recipe_yaml=recipe.to_yaml(),
     )
     return str(card)
@@ -135,6 +135,10 @@ def _dataset_fields(run: RunRecord, role: str) -> dict:
     carved = role == "eval" and data.get("eval_carved_from_train")
     split = recipe.data.train_split if carved else getattr(recipe.data, f"{role}_split", role)
     split_label = f"{split} (held-out {recipe.data.eval_fraction:.0%}, seed {recipe.train.seed})" if carved else split
+    folder = data.get("folder")
+    if folder:
+        return {"dataset_type": folder["format"], "dataset_name": folder["name"], "dataset_split": split_label,
+                "dataset_revision": f"sha256:{folder['sha256']}"}
     if recipe.data.path:
         return {"dataset_type": recipe.data.path, "dataset_name": recipe.data.path, "dataset_config": recipe.data.config,
                 "dataset_split": split_label, "dataset_revision": recipe.data.revision}
@@ -146,6 +150,10 @@ def _dataset_fields(run: RunRecord, role: str) -> dict:
 def _data_description(run: RunRecord) -> dict:
     recipe = run.recipe
     data = run.summary.get("data", {})
+    folder = data.get("folder")
+    if folder:
+        return {"source": f"the local folder `{folder['name']}` ({folder['format']}, {folder['files']} files, "
+                          f"sha256 of its contents `{folder['sha256']}`)", "files": []}
     if recipe.data.path:
         source = f"`{recipe.data.path}`" + (f" (config `{recipe.data.config}`)" if recipe.data.config else "")
         revision = f"revision `{recipe.data.revision}`" if recipe.data.revision else "latest revision (not pinned)"

@@ -78,12 +78,14 @@ def _load(recipe: Recipe) -> DatasetDict:
         if data.files:
             files = {split: str(recipe.resolve(f)) for split, f in data.files.items()}
             return load_dataset(builders.pop(), data_files=files)
-        return load_dataset(data.path, data.config, revision=data.revision)
+        folder = recipe.data_folder  # a local folder: `datasets` infers its format (imagefolder, csv ...)
+        return load_dataset(str(folder) if folder else data.path, data.config, revision=data.revision)
     except Exception as exc:
         source = f"the files {sorted(data.files.values())}" if data.files else f"the dataset '{data.path}'" + (
             f" (config '{data.config}')" if data.config else ""
         )
         raise DataError(
             f"data: could not load {source}: {type(exc).__name__}: {exc}. "
-            "Check the name and config; without access to the Hugging Face Hub, use local files (data.files)."
+            "Check the name and config; without access to the Hugging Face Hub, use local files (data.files) "
+            "or a local folder (data.path: a folder of images, one sub-folder per class)."
         ) from None

@@ -25,11 +25,26 @@ class Metrics:
         self.names = names
         self._modules = [_load(name) for name in names]
 
-    def compute(self, predictions, references) -> dict[str, float]:
+    def compute(self, predictions, references, scores=None) -> dict[str, float]:
+        """`scores` (per-class scores per example) go to the metrics whose input is
+        `prediction_scores`, as evaluate's own roc_auc names it; the others get the predicted ids."""
         results: dict[str, float] = {}
-        for module in self._modules:
-            results.update(module.compute(predictions=predictions, references=references))
+        for name, module in zip(self.names, self._modules):
+            if _wants_scores(module):
+                if scores is None:
+                    raise FinetuneError(
+                        f"eval.metrics: '{name}' ranks classes by score, but this task's eval_step returns no `scores`. "
+                        "Remove it from eval.metrics."
+                    )
+                results.update(module.compute(prediction_scores=scores, references=references))
+            else:
+                results.update(module.compute(predictions=predictions, references=references))
         return results
+
+
+def _wants_scores(module) -> bool:
+    features = module.features if not isinstance(module.features, list) else module.features[0]
+    return "prediction_scores" in features
 
 
 def _load(name: str):

@@ -66,7 +66,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 
     started = time.perf_counter()
     model, state, last_eval = train(
-        accelerator, model, task, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume
+        accelerator, model, task, method, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume
     )
     train_seconds = time.perf_counter() - started
 
@@ -83,8 +83,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         "stopped_early": state["stopped_early"],
         "train_seconds": round(train_seconds, 1),
         "history": state["history"],
-        "base_model": base_model_facts(recipe, source),
-        "data": data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved),
+        "base_model": base_model_facts(recipe, source, task_model.hub_id),
+        "data": data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=task.data_facts()),
         "environment": environment_facts(accelerator),
     }
     unwrapped = accelerator.unwrap_model(model)

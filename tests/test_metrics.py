@@ -7,12 +7,14 @@ from finetune.evaluation import Metrics, shipped_metrics
 
 
 def test_shipped_metrics():
-    assert shipped_metrics() == ["accuracy", "f1", "matthews_correlation", "precision", "recall"]
+    assert shipped_metrics() == ["accuracy", "f1", "macro_f1", "matthews_correlation", "precision", "recall", "top5_accuracy"]
 
 
 def test_binary_scores():
     # tp=1 fp=1 fn=0 tn=2
-    scores = Metrics(shipped_metrics()).compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
+    scores = Metrics(["accuracy", "precision", "recall", "f1", "matthews_correlation"]).compute(
+        predictions=[0, 1, 1, 0], references=[0, 1, 0, 0]
+    )
     assert scores["accuracy"] == 0.75
     assert scores["precision"] == 0.5 and scores["recall"] == 1.0
     assert scores["f1"] == pytest.approx(2 / 3)
@@ -25,6 +27,31 @@ def test_multiclass_scores_are_macro_averaged():
     assert scores["precision"] == pytest.approx(2.5 / 3)
     assert scores["recall"] == pytest.approx(2.5 / 3)
     assert scores["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_macro_f1_treats_two_classes_alike():
+    scores = Metrics(["f1", "macro_f1"]).compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
+    # class 1: P 0.5 R 1 F1 2/3; class 0: P 1 R 2/3 F1 0.8
+    assert scores["f1"] == pytest.approx(2 / 3)
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_top5_accuracy_ranks_the_scores():
+    references = [0, 1, 2]
+    scores = [
+        [9, 8, 7, 6, 5, 4, 0],  # class 0 first
+        [9, 0, 8, 7, 6, 5, 4],  # class 1 last: a miss
+        [9, 8, 7, 6, 5.5, 4, 0],  # class 2 third: a hit
+    ]
+    result = Metrics(["accuracy", "top5_accuracy"]).compute([0, 0, 0], references, scores)
+    assert result == {"accuracy": pytest.approx(1 / 3), "top5_accuracy": pytest.approx(2 / 3)}
+    # With five classes or fewer every reference is in the top five: the metric says nothing.
+    assert Metrics(["top5_accuracy"]).compute([0, 1], [0, 1], [[1, 0], [0, 1]]) == {}
+
+
+def test_a_ranking_metric_needs_scores():
+    with pytest.raises(FinetuneError, match="'top5_accuracy' ranks classes by score.*returns no `scores`"):
+        Metrics(["top5_accuracy"]).compute([0, 1], [0, 1])
 
 
 def test_unknown_metric_without_the_hub():

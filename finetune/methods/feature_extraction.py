@@ -6,12 +6,10 @@ move: every backbone weight and buffer stays bit-identical.
 
 from __future__ import annotations
 
-import types
-
 from pydantic import BaseModel, ConfigDict
 
 from finetune.api import TaskModel
-from finetune.methods.common import is_head
+from finetune.methods.common import is_head, keep_in_eval, trainable
 
 
 class FeatureExtractionOptions(BaseModel):
@@ -30,8 +28,11 @@ class FeatureExtraction:
         for name, param in model.named_parameters():
             param.requires_grad_(is_head(name, head))
         for module in _frozen_roots(model, head):
-            _keep_in_eval(module)
+            keep_in_eval(module)
         return model
+
+    def parameter_groups(self, model):
+        return trainable(model)
 
     def merge(self, model):
         return model
@@ -51,13 +52,3 @@ def _frozen_roots(model, head: list[str]) -> list:
         if not parent or holds_head(parent):
             roots.append(module)
     return roots
-
-
-def _keep_in_eval(module) -> None:
-    """Make `module.train()` a no-op that keeps eval mode (the state dict is untouched)."""
-
-    def train(self, mode: bool = True):
-        return type(self).train(self, False)
-
-    module.train = types.MethodType(train, module)
-    module.eval()

@@ -1,14 +1,19 @@
-"""Full fine-tuning: every weight of the backbone and head is trained."""
+"""Full fine-tuning: every weight of the backbone and head is trained, the backbone optionally
+with a smaller learning rate (pretrained weights need smaller steps than a new head)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
+from finetune.methods.common import is_head
 
 
 class FullOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    backbone_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the pretrained backbone; default train.lr. The head always uses train.lr."
+    )
 
 
 class Full:
@@ -17,10 +22,20 @@ class Full:
 
     def __init__(self, options: FullOptions):
         self.options = options
+        self.head: list[str] = []
 
     def prepare(self, task_model: TaskModel):
+        self.head = list(task_model.head)
         task_model.model.requires_grad_(True)
         return task_model.model
+
+    def parameter_groups(self, model):
+        if self.options.backbone_lr is None:
+            return [{"params": list(model.parameters())}]
+        head, backbone = [], []
+        for name, param in model.named_parameters():
+            (head if is_head(name, self.head) else backbone).append(param)
+        return [{"params": head}, {"params": backbone, "lr": self.options.backbone_lr}]
 
     def merge(self, model):
         return model

@@ -1,7 +1,10 @@
 """LoRA through peft: low-rank adapters on the backbone, the task head trained in full.
 
 The head is always in `modules_to_save`: without it a freshly initialised head would stay
-frozen and would not be saved, and the reloaded model would predict something else.
+frozen and would not be saved, and the reloaded model would predict something else. For the
+same reason the backbone's batch-norm layers are held in eval mode: their running statistics
+are not part of the adapter, so letting them move would make the reloaded adapter predict
+differently from the trained one.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
 from finetune.errors import FinetuneError
+from finetune.methods.common import is_head, keep_in_eval, trainable
 
 
 class LoraOptions(BaseModel):
@@ -46,10 +50,16 @@ class Lora:
             modules_to_save=list(task_model.head),  # peft mutates this list: give it a copy
             task_type=task_model.peft_task_type,
         )
+        for name, module in task_model.model.named_modules():
+            if getattr(module, "track_running_stats", False) and not is_head(name, task_model.head):
+                keep_in_eval(module)
         try:
             return get_peft_model(task_model.model, config)
         except ValueError as exc:
             raise FinetuneError(f"method.options.target_modules: {exc}") from None
+
+    def parameter_groups(self, model):
+        return trainable(model)
 
     def merge(self, model):
         return model.merge_and_unload()

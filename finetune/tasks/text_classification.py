@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
 from finetune.errors import DataError, FinetuneError
+from finetune.labels import encode_labels
 from finetune.methods.common import is_head
 from finetune.reports import classification_sections
 
@@ -41,13 +42,12 @@ class TextClassification:
     def __init__(self, options: TextClassificationOptions):
         self.options = options
         self.labels: list[str] = []
+        self.unlabelled: dict[str, int] = {}
         self.tokenizer = None
         self._collator = None
 
     # -- data -----------------------------------------------------------------------------
     def prepare_data(self, splits: DatasetDict) -> DatasetDict:
-        from datasets import ClassLabel, Value
-
         for role, split in splits.items():
             for column in ("text", "label"):
                 if column not in split.column_names:
@@ -63,35 +63,11 @@ class TextClassification:
                         f"The {role} split has {empty} empty value(s) in the '{column}' column; "
                         "fill or drop those rows."
                     )
-        feature = splits["train"].features["label"]
-        if isinstance(feature, ClassLabel):
-            self.labels = list(feature.names)
-        else:
-            self.labels = sorted({str(v) for v in splits["train"]["label"]})
-            for role in splits:
-                try:
-                    splits[role] = splits[role].cast_column("label", Value("string"))
-                    splits[role] = splits[role].cast_column("label", ClassLabel(names=self.labels))
-                except ValueError as exc:
-                    raise DataError(
-                        f"The {role} split has a label that the train split lacks ({exc}); "
-                        f"train labels are {self.labels}."
-                    ) from None
-        for role in list(splits):
-            # Unlabelled rows are marked -1 (GLUE's test splits): they cannot be scored.
-            labelled = splits[role].filter(lambda batch: [v >= 0 for v in batch["label"]], batched=True)
-            if len(labelled) == 0 and role != "train":
-                del splits[role]
-            else:
-                splits[role] = labelled
-        present = sorted(set(splits["train"]["label"]))
-        if len(present) < 2:
-            only = self.labels[present[0]] if present else "none"
-            raise DataError(
-                f"The label column 'label' has only one class ({only!r}) in the train split; "
-                "a classifier needs examples of at least two classes."
-            )
+        splits, self.labels, self.unlabelled = encode_labels(splits, "label")
         return splits
+
+    def data_facts(self) -> dict:
+        return {"unlabelled_rows_dropped": self.unlabelled} if self.unlabelled else {}
 
     # -- model ----------------------------------------------------------------------------
     def build_model(self, source: str, revision: str | None) -> TaskModel:

@@ -18,7 +18,7 @@ from finetune.errors import FinetuneError
 from finetune.training.steplog import StepLog, truncate_steplog
 
 
-def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path, resume: bool):
+def train(accelerator, model, task, method, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path, resume: bool):
     """Train `model` in place; return (prepared model, final trainer state, the last evaluation or None)."""
     import torch
     from torch.utils.data import DataLoader
@@ -28,14 +28,14 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
     # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
     train_dl = DataLoader(
         splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
-        generator=torch.Generator().manual_seed(t.seed),
+        generator=torch.Generator().manual_seed(t.seed), num_workers=t.dataloader_workers,
     )
     train_dl, eval_dl = accelerator.prepare(train_dl, eval_loader(splits["eval"], recipe, task))
 
     steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(method.parameter_groups(model), t)
     scheduler = build_scheduler(optimizer, t, total_steps, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -114,7 +114,9 @@ def train(accelerator, model, task, splits, recipe: Recipe, metrics, checkpoints
 def eval_loader(dataset, recipe: Recipe, task):
     from torch.utils.data import DataLoader
 
-    return DataLoader(dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate)
+    return DataLoader(
+        dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate, num_workers=recipe.train.dataloader_workers
+    )
 
 
 def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
@@ -122,7 +124,8 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
     import torch
 
     model.eval()
-    loss_sum, examples, predictions, references = 0.0, 0, [], []
+    loss_sum, examples = 0.0, 0
+    gathered: dict[str, list] = {"predictions": [], "references": [], "scores": []}
     with torch.no_grad():
         for batch in dataloader:
             out = task.eval_step(model, batch)
@@ -130,15 +133,13 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
             weighted = accelerator.gather(out["loss"].detach().float().reshape(1) * size)
             loss_sum += float(weighted.sum())
             examples += int(accelerator.gather(size).sum())
-            if "predictions" in out:
-                preds, refs = accelerator.gather_for_metrics((out["predictions"], out["references"]))
-                predictions += preds.tolist()
-                references += refs.tolist()
+            for key in [k for k in gathered if k in out]:
+                gathered[key] += accelerator.gather_for_metrics(out[key]).tolist()
     model.train()
     results = {"loss": loss_sum / examples}  # mean over examples, not over batches of unequal size
-    if predictions:
-        results.update(metrics.compute(predictions, references))
-    return {"metrics": results, "predictions": predictions, "references": references}
+    if gathered["predictions"]:
+        results.update(metrics.compute(gathered["predictions"], gathered["references"], gathered["scores"] or None))
+    return {"metrics": results, "predictions": gathered["predictions"], "references": gathered["references"]}
 
 
 def _update_early_stopping(state: dict, results: dict, rule) -> None:

@@ -7,21 +7,19 @@ import math
 from finetune.recipe import TrainSection
 
 
-def build_optimizer(model, train: TrainSection):
-    """AdamW over the trainable parameters; no weight decay on biases and normalisation weights
-    (decaying them only pulls useful offsets and scales toward zero)."""
+def build_optimizer(groups: list[dict], train: TrainSection):
+    """AdamW over the method's parameter groups (see Method.parameter_groups); no weight decay on
+    biases and normalisation weights (decaying them only pulls useful offsets and scales toward zero)."""
     import torch
 
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            # Biases and normalisation scales/offsets are exactly the 1-d parameters.
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
+    split = []
+    for group in groups:
+        lr = group.get("lr", train.lr)
+        params = [p for p in group["params"] if p.requires_grad]
+        # Biases and normalisation scales/offsets are exactly the 1-d parameters.
+        split.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay, "lr": lr})
+        split.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr})
+    return torch.optim.AdamW([g for g in split if g["params"]], lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
 
 
 def build_scheduler(optimizer, train: TrainSection, total_steps: int, num_processes: int):

@@ -1,0 +1,52 @@
+"""Class labels for classification tasks (text, image, a plugin's): one place that turns a label
+column into a `ClassLabel` and checks it, so every classifier treats labels alike."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune.errors import DataError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+
+def encode_labels(splits: DatasetDict, column: str = "label") -> tuple[DatasetDict, list[str], dict[str, int]]:
+    """Make `column` a ClassLabel in every split; return the splits, the class names and the number
+    of unlabelled rows dropped per split.
+
+    Names come from the train split's ClassLabel feature, else from its values (sorted). Rows
+    labelled -1 (GLUE's hidden test labels) are dropped; an eval or test split left empty by that
+    is removed. The train split must hold at least two classes."""
+    from datasets import ClassLabel, Value
+
+    feature = splits["train"].features[column]
+    if isinstance(feature, ClassLabel):
+        labels = list(feature.names)
+    else:
+        labels = sorted({str(v) for v in splits["train"][column]})
+        for role in splits:
+            try:
+                splits[role] = splits[role].cast_column(column, Value("string"))
+                splits[role] = splits[role].cast_column(column, ClassLabel(names=labels))
+            except ValueError as exc:
+                raise DataError(
+                    f"The {role} split has a label that the train split lacks ({exc}); train labels are {labels}."
+                ) from None
+    dropped = {}
+    for role in list(splits):
+        labelled = splits[role].filter(lambda batch: [v >= 0 for v in batch[column]], batched=True)
+        if len(labelled) < len(splits[role]):
+            dropped[role] = len(splits[role]) - len(labelled)
+        if len(labelled) == 0 and role != "train":
+            del splits[role]
+        else:
+            splits[role] = labelled
+    present = sorted(set(splits["train"][column]))
+    if len(present) < 2:
+        only = labels[present[0]] if present else "none"
+        raise DataError(
+            f"The label column '{column}' has only one class ({only!r}) in the train split; "
+            "a classifier needs examples of at least two classes."
+        )
+    return splits, labels, dropped
