@@ -104,3 +104,65 @@ def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+# -- images ---------------------------------------------------------------------------------
+COLORS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 200)}
+
+
+def color_images(n: int, seed: int = 0, size: int = 24, colors: dict = COLORS) -> list[tuple]:
+    """(PIL image, label) pairs, balanced: noisy pictures whose dominant colour is their label."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = list(colors)
+    pairs = []
+    for i in range(n):
+        label = names[i % len(names)]
+        pixels = rng.normal(colors[label], 45, size=(size, size, 3))
+        pairs.append((Image.fromarray(pixels.clip(0, 255).astype("uint8")), label))
+    return pairs
+
+
+def write_image_folder(root: Path, splits: dict[str, list[tuple]]) -> Path:
+    """An imagefolder dataset: root/<split>/<label>/<n>.png for each (image, label) pair."""
+    root = Path(root)
+    for split, pairs in splits.items():
+        for i, (image, label) in enumerate(pairs):
+            path = root / split / label / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+    return root
+
+
+def tiny_timm_model(directory: Path, architecture: str = "test_resnet", *, num_classes: int = 10,
+                    image_size: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised timm model, one of timm's tiny `test_*` architectures (test_resnet,
+    test_vit, test_convnext ...), saved in timm's Hub format with a `image_size` data config."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    extra = {"img_size": image_size} if "vit" in architecture else {}  # position embeddings follow the size
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes,
+                              pretrained_cfg_overlay={"input_size": (3, image_size, image_size)}, **extra)
+    save_for_hf(model, directory, safe_serialization=True)
+    return Path(directory)
+
+
+def image_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str = "full", **sections) -> dict:
+    """A recipe for a quick image-classification run on an image folder."""
+    recipe = {
+        "name": f"tiny-image-{method_name}",
+        "task": {"name": "image-classification", "options": {"augmentation": None}},
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data_dir)},
+        "method": {"name": method_name},
+        "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "log_every_steps": 2, "seed": 7},
+        "output": {"dir": str(run_dir)},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe

@@ -103,9 +103,11 @@ def test_every_shipped_recipe_validates(recipe):
 
 
 def test_readme_documents_every_recipe_key():
+    from finetune.methods.full import FullOptions
     from finetune.methods.lora import LoraOptions
     from finetune.recipe import Recipe
     from finetune.recipe_errors import _model_in
+    from finetune.tasks.image_classification import ImageClassificationOptions
     from finetune.tasks.text_classification import TextClassificationOptions
 
     def keys(model, prefix):
@@ -119,6 +121,12 @@ def test_readme_documents_every_recipe_key():
                 yield from keys(nested, f"{prefix}{name}.")
 
     readme = (REPO / "README.md").read_text()
-    documented = [*keys(Recipe, ""), *keys(TextClassificationOptions, "task.options."), *keys(LoraOptions, "method.options.")]
+    documented = [
+        *keys(Recipe, ""),
+        *keys(TextClassificationOptions, "task.options."),
+        *keys(ImageClassificationOptions, "task.options."),
+        *keys(LoraOptions, "method.options."),
+        *keys(FullOptions, "method.options."),
+    ]
     missing = [key for key in documented if f"| `{key}` |" not in readme]
     assert not missing, f"README lacks rows for {missing}"

@@ -1,0 +1,272 @@
+"""Image classification with any timm model: CNNs (ResNet, ConvNeXt, EfficientNet ...) and ViTs.
+
+Columns (rename yours with `data.columns`): `image` (an Image feature) and `label`. A local
+folder with one sub-folder per class (`data.path: my_images`) is read by `datasets`' imagefolder.
+Preprocessing follows the model's own timm data config (input size, mean/std, interpolation,
+crop); training augmentation is timm's, configurable, and never applied to evaluation.
+The saved model is timm's Hub format (config.json with the label names and data config, plus
+model.safetensors), so `timm.create_model("local-dir:RUN/model", pretrained=True)` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.errors import DataError, FinetuneError
+from finetune.images import check_images, open_image
+from finetune.labels import encode_labels
+from finetune.methods.common import is_head
+from finetune.reports import classification_sections
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+_TIMM_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+class Augmentation(BaseModel):
+    """timm's training transform (`timm.data.create_transform(is_training=True)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="Random-resized-crop area, as a share of the image.")
+    ratio: tuple[float, float] = Field((0.75, 1.3333), description="Random-resized-crop aspect ratio range.")
+    hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
+    vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip.")
+    color_jitter: float = Field(0.4, ge=0, description="Strength of brightness/contrast/saturation jitter; 0 turns it off.")
+    auto_augment: str | None = Field(None, description="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1, trivialaugment.")
+    re_prob: float = Field(0.0, ge=0, le=1, description="Probability of random erasing.")
+
+
+class ImageClassificationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    augmentation: Augmentation | None = Field(
+        default_factory=Augmentation,
+        description="Training augmentation; null trains on the evaluation transform (resize, center crop, normalise).",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
+    drop_path_rate: float | None = Field(None, ge=0, lt=1, description="Stochastic depth for models that support it (ViT, ConvNeXt).")
+    skip_unreadable_images: bool = Field(  # named as finetune.images.SKIP_OPTION, which its errors suggest
+        False, description="Skip (and count) images that cannot be decoded instead of stopping with an error naming them."
+    )
+
+
+
+class ImageClassification:
+    Options = ImageClassificationOptions
+    methods = None  # every method applies
+    default_metrics = ["accuracy", "top5_accuracy", "macro_f1"]
+    stratify_column = "label"
+
+    def __init__(self, options: ImageClassificationOptions):
+        self.options = options
+        self.labels: list[str] = []
+        self.facts: dict = {}
+
+    # -- data -----------------------------------------------------------------------------
+    def prepare_data(self, splits: DatasetDict) -> DatasetDict:
+        for role, split in splits.items():
+            for column in ("image", "label"):
+                if column not in split.column_names:
+                    hint = (
+                        " An image folder gets its labels from the names of its sub-folders, one per class; with "
+                        "a single class sub-folder (or none) there are no labels, and a classifier needs at least two."
+                        if column == "label" and "image" in split.column_names else ""
+                    )
+                    raise DataError(
+                        f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
+                        f"Map yours with data.columns, e.g. data.columns: {{your_column: {column}}}.{hint}"
+                    )
+        splits, self.labels, unlabelled = encode_labels(splits, "label")
+        splits, skipped = check_images(splits, "image", skip=self.options.skip_unreadable_images)
+        self.facts = {
+            key: value
+            for key, value in (("unlabelled_rows_dropped", unlabelled), ("unreadable_images_skipped", skipped))
+            if value
+        }
+        return splits
+
+    def data_facts(self) -> dict:
+        return self.facts
+
+    # -- model ----------------------------------------------------------------------------
+    def build_model(self, source: str, revision: str | None) -> TaskModel:
+        import timm
+
+        name = timm_name(source, revision)
+        extra = {"drop_path_rate": self.options.drop_path_rate} if self.options.drop_path_rate is not None else {}
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=len(self.labels), **extra)
+        except Exception as exc:
+            raise FinetuneError(
+                f"model.name: timm could not load '{name}': {type(exc).__name__}: {exc}. Name a timm model "
+                "(resnet50.a1_in1k), a Hub repo (timm/vit_small_patch16_224.augreg_in21k, hf-hub:...) or a local "
+                "folder holding config.json and model.safetensors; without access to the Hub, use a local folder."
+            ) from None
+        model.name_or_path = name  # peft records it as the adapter's base_model_name_or_path
+        head = _head_modules(model)
+        return TaskModel(model=model, head=head, lora_targets=_lora_targets(model, head),
+                         hub_id=model.pretrained_cfg.get("hf_hub_id"))
+
+    def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
+        from datasets import DatasetDict
+        from timm.data import create_transform, resolve_model_data_config
+
+        config = resolve_model_data_config(task_model.model)
+        evaluation = create_transform(**config, is_training=False)
+        training = evaluation
+        if self.options.augmentation is not None:
+            training = create_transform(**config, is_training=True, **self.options.augmentation.model_dump())
+        # Decoded and transformed as batches are drawn: a new random augmentation every epoch.
+        return DatasetDict(
+            {role: split.with_transform(_apply(training if role == "train" else evaluation)) for role, split in splits.items()}
+        )
+
+    def collate(self, examples: list[dict]) -> dict:
+        import torch
+
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples]),
+        }
+
+    # -- steps ----------------------------------------------------------------------------
+    def training_step(self, model, batch: dict) -> dict:
+        import torch.nn.functional as F
+
+        logits = model(batch["pixel_values"])
+        return {"loss": F.cross_entropy(logits, batch["labels"], label_smoothing=self.options.label_smoothing)}
+
+    def eval_step(self, model, batch: dict) -> dict:
+        import torch.nn.functional as F
+
+        logits = model(batch["pixel_values"])
+        return {
+            "loss": F.cross_entropy(logits, batch["labels"]),
+            "predictions": logits.argmax(dim=-1),
+            "references": batch["labels"],
+            "scores": logits.float(),
+        }
+
+    # -- artifacts ------------------------------------------------------------------------
+    def save(self, model, directory: Path, *, adapter: bool) -> None:
+        from timm.models import save_for_hf
+
+        if adapter:
+            # The LoRA weights and the head, in peft's format; a timm model has no token embeddings to check.
+            model.save_pretrained(directory, save_embedding_layers=False)
+        else:
+            save_for_hf(model, directory, model_config={"label_names": self.labels}, safe_serialization=True)
+
+    def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
+        labels = run.labels
+        return CardInfo(
+            pipeline_tag="image-classification",
+            library_name="timm",
+            usage=_usage(artifact, labels),
+            description=f"classifies images into {len(labels)} classes: {', '.join(labels)}",
+            tags=["image-classification", "timm", *(["peft", "lora"] if artifact.adapter else [])],
+            sections=classification_sections(run),
+            limitations=_skipped_note(run),
+        )
+
+
+def timm_name(source: str, revision: str | None = None) -> str:
+    """What `timm.create_model` needs: `local-dir:` for a folder, `hf-hub:` for a Hub repo id,
+    a registry name (resnet50.a1_in1k) as it is."""
+    if Path(source).is_dir():
+        name = f"local-dir:{source}"
+    elif source.startswith(_TIMM_PREFIXES) or "/" not in source:
+        name = source
+    else:
+        name = f"hf-hub:{source}"
+    if revision:
+        if not name.startswith(("hf-hub:", "hf_hub:")):
+            raise FinetuneError(
+                f"model.revision: '{revision}' applies to Hub repos (timm/resnet50.a1_in1k, hf-hub:...), "
+                f"not to '{source}'. Name the repo, or remove model.revision."
+            )
+        name = f"{name}@{revision}"
+    return name
+
+
+def _apply(transform):
+    def apply(batch: dict) -> dict:
+        return {"pixel_values": [transform(open_image(v)) for v in batch["image"]], "labels": batch["label"]}
+
+    return apply
+
+
+def _head_modules(model) -> list[str]:
+    """The classifier as timm's pretrained config names it (a tuple for distilled models)."""
+    names = model.pretrained_cfg.get("classifier") or []
+    names = [names] if isinstance(names, str) else list(names)
+    modules = dict(model.named_modules())
+    head = [n for n in names if n in modules]
+    if not head:  # a config without the name: find the module get_classifier() returns
+        classifier = model.get_classifier()
+        head = [n for n, m in modules.items() if m is classifier and n]
+    return head
+
+
+def _lora_targets(model, head: list[str]) -> list[str]:
+    """Every linear layer of a transformer's blocks (attention and MLP), or for a CNN every
+    convolution that is not depthwise (peft's LoRA needs groups=1) and every linear layer."""
+    import torch
+
+    modules = [(n, m) for n, m in model.named_modules() if n and not is_head(n, head)]
+    transformer = any(".attn" in f".{n}" for n, _ in modules)
+    kinds = (torch.nn.Linear,) if transformer else (torch.nn.Linear, torch.nn.Conv2d)
+    return [n for n, m in modules if isinstance(m, kinds) and getattr(m, "groups", 1) == 1]
+
+
+def _usage(artifact: Artifact, labels: list[str]) -> str:
+    local = Path(artifact.location).is_dir()
+    timm_location = json.dumps(("local-dir:" if local else "hf-hub:") + artifact.location)
+    if not artifact.adapter:
+        return f"""\
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+
+model = timm.create_model({timm_location}, pretrained=True).eval()
+labels = model.pretrained_cfg["label_names"]
+{_predict("model")}"""
+    where = json.dumps(artifact.location) + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
+    return f"""\
+import timm
+import torch
+from peft import PeftConfig, PeftModel
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+
+labels = {json.dumps(labels)}
+base = timm.create_model(PeftConfig.from_pretrained({where}).base_model_name_or_path, pretrained=True, num_classes=len(labels))
+model = PeftModel.from_pretrained(base, {where}).eval()
+{_predict("base")}"""
+
+
+def _predict(configured: str) -> str:
+    """The snippet's last lines: preprocess as the model `configured` says, print the top class."""
+    return f"""\
+transform = create_transform(**resolve_model_data_config({configured}), is_training=False)
+image = Image.open("image.jpg").convert("RGB")
+with torch.no_grad():
+    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+print(labels[probabilities.argmax()], f"{{probabilities.max():.3f}}")
+"""
+
+
+def _skipped_note(run: RunRecord) -> list[str]:
+    skipped = run.summary.get("data", {}).get("task", {}).get("unreadable_images_skipped")
+    if not skipped:
+        return []
+    files = [name for names in skipped.values() for name in names]
+    counts = ", ".join(f"{role}: {len(names)}" for role, names in skipped.items())
+    shown = ", ".join(f"`{Path(name).name}`" for name in files[:5]) + (" ..." if len(files) > 5 else "")
+    return [f"{len(files)} unreadable images were skipped ({counts}): {shown}. The split sizes above do not count them."]
