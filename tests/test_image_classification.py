@@ -117,6 +117,46 @@ def test_run_end_to_end_and_reload(kind, method, finished_run, colors_dir, tmp_p
         assert len(printed) == 1 and printed[0].split()[0] in LABELS
 
 
+def test_hub_style_dataset_with_embedded_images_renamed_columns_and_six_classes(base_models, tmp_path):
+    """Parquet with an Image feature holding the bytes, as Hub datasets store images, under the
+    column names cifar10 and beans use; six classes, so top-5 accuracy is reported."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    colors = {**testing.COLORS, "yellow": (210, 200, 40), "magenta": (200, 40, 200), "cyan": (40, 200, 200)}
+    names = sorted(colors)
+    features = Features({"img": ImageFeature(), "labels": ClassLabel(names=names)})
+    for split, n, seed in (("train", 96, 3), ("test", 36, 4)):
+        pairs = testing.color_images(n, seed=seed, colors=colors)
+        rows = {"img": [image for image, _ in pairs], "labels": [names.index(label) for _, label in pairs]}
+        Dataset.from_dict(rows, features=features).to_parquet(tmp_path / f"{split}.parquet")
+    shutil.copytree(base_models["vit"], tmp_path / "vit")
+    recipe = testing.image_recipe("local-dir:vit", tmp_path, tmp_path / "run", "feature-extraction",
+                                  train={"epochs": 8, "lr": 2e-2})
+    recipe["data"] = {"files": {"train": "train.parquet", "test": "test.parquet"}, "columns": {"img": "image", "labels": "label"}}
+    result = invoke("run", testing.write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    test = summary["metrics"]["test"]
+    assert set(test) == {"loss", "accuracy", "top5_accuracy", "macro_f1"}
+    assert test["top5_accuracy"] >= test["accuracy"] and test["accuracy"] > 0.5
+    assert summary["data"]["labels"] == names and summary["data"]["files"]["train"]["format"] == "parquet"
+    assert summary["base_model"]["origin"] == "local"
+
+
+def test_model_names_become_what_timm_create_model_reads(tmp_path):
+    from finetune.errors import FinetuneError
+    from finetune.tasks.image_classification import timm_name
+
+    assert timm_name("resnet50.a1_in1k") == "resnet50.a1_in1k"
+    assert timm_name("timm/vit_small_patch16_224.augreg_in21k") == "hf-hub:timm/vit_small_patch16_224.augreg_in21k"
+    assert timm_name("hf-hub:timm/resnet18.a1_in1k", "main") == "hf-hub:timm/resnet18.a1_in1k@main"
+    assert timm_name(str(tmp_path)) == f"local-dir:{tmp_path}"
+    with pytest.raises(FinetuneError, match="model.revision: 'v2' applies to Hub repos"):
+        timm_name("resnet50.a1_in1k", "v2")
+
+
 def test_feature_extraction_keeps_every_backbone_weight_and_batchnorm_buffer(finished_run, base_models):
     run_dir = finished_run("cnn", "feature-extraction")
     before = load_file(base_models["cnn"] / "model.safetensors")
