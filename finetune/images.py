@@ -24,7 +24,7 @@ _SHOWN = 5  # unreadable files named in an error
 def open_image(value, *, draft: tuple[int, int] | None = None) -> Image.Image:
     """An RGB image from a decoded PIL image or an undecoded {"path", "bytes"} value.
     `draft` lets JPEG decoding scale down on the fly (a check, not training)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if isinstance(value, Image.Image):
         image = value
@@ -32,6 +32,9 @@ def open_image(value, *, draft: tuple[int, int] | None = None) -> Image.Image:
         image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
         if draft:
             image.draft("RGB", draft)
+    image = ImageOps.exif_transpose(image)  # phone photos stand upright, as datasets' own decoding does
+    if image.mode.startswith("I;16"):  # 16-bit greyscale: RGB conversion would clip it to white
+        image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")  # decodes every pixel: a truncated file fails here
 
 

@@ -37,14 +37,16 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     task = plugins.load(plugins.TASKS, recipe.task.name)(recipe.task_options)
     method = plugins.load(plugins.METHODS, recipe.method.name)(recipe.method_options)
 
-    # Data first: bad columns or labels fail in seconds, before any model is loaded.
-    splits = task.prepare_data(load_splits(recipe))
+    accelerator = _accelerator(recipe)
+    # Data first: bad columns, labels or images fail before any model is loaded. The main process
+    # does the expensive checks (decoding every image) and caches them; the others read its cache.
+    with accelerator.main_process_first():
+        splits = task.prepare_data(load_splits(recipe))
     eval_carved = "eval" not in splits
     splits = finish_splits(splits, recipe, task.stratify_column)
     metrics = Metrics(recipe.eval.metrics or task.default_metrics)
     source = resolve_model_source(recipe.model.name, recipe.base_dir)
 
-    accelerator = _accelerator(recipe)
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)  # the head's initialisation, dropout, data order
@@ -83,15 +85,15 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         "stopped_early": state["stopped_early"],
         "train_seconds": round(train_seconds, 1),
         "history": state["history"],
-        "base_model": base_model_facts(recipe, source, task_model.hub_id),
-        "data": data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=task.data_facts()),
-        "environment": environment_facts(accelerator),
     }
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes > 1:
         summary["rank_checksums"] = _rank_checksums(accelerator, unwrapped)
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # hashing the data folder once is enough
+        summary["base_model"] = base_model_facts(recipe, source, task_model.hub_id)
+        summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=task.data_facts())
+        summary["environment"] = environment_facts(accelerator)
         _save_model(task, method, unwrapped, layout, recipe.writes_merged)
         write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
         write_json(layout.metrics, summary)

@@ -145,6 +145,49 @@ def test_hub_style_dataset_with_embedded_images_renamed_columns_and_six_classes(
     assert summary["base_model"]["origin"] == "local"
 
 
+@pytest.mark.parametrize(
+    "architecture, kind",
+    [("test_vit", "linear"), ("test_maxvit", "linear"), ("test_resnet", "conv"), ("test_byobnet", "conv"),
+     ("test_efficientnet", "conv"), ("test_convnext", "conv")],
+)
+def test_default_lora_targets_and_head_of_timm_families(architecture, kind):
+    """Transformers get their linear projections; CNNs (some with a convolutional `attn` slot, like
+    byobnet) their non-depthwise convolutions. The head is never a target."""
+    import timm
+
+    from finetune.tasks.image_classification import _head_modules, _lora_targets
+
+    model = timm.create_model(architecture, pretrained=False, num_classes=3)
+    head = _head_modules(model)
+    targets = _lora_targets(model, head)
+    modules = dict(model.named_modules())
+    assert head == [model.pretrained_cfg["classifier"]] and not set(head) & set(targets)
+    assert targets and all(getattr(modules[t], "groups", 1) == 1 for t in targets)
+    convs = [t for t in targets if isinstance(modules[t], torch.nn.Conv2d)]
+    assert bool(convs) == (kind == "conv")
+
+    model.pretrained_cfg = {**model.pretrained_cfg, "classifier": "no_such_module"}
+    assert _head_modules(model) == head  # found through get_classifier() instead
+
+
+def test_images_are_opened_upright_and_16_bit_greyscale_keeps_its_range(tmp_path):
+    import numpy as np
+
+    from finetune.images import open_image
+
+    photo = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert open_image({"path": str(tmp_path / "phone.jpg"), "bytes": None}).size == (20, 40)
+
+    ramp = (np.arange(256, dtype="uint16") * 257).reshape(16, 16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    pixels = np.asarray(open_image({"path": str(tmp_path / "depth.png"), "bytes": None}))
+    assert pixels.shape == (16, 16, 3) and pixels[..., 0].min() == 0 and pixels[..., 0].max() == 255
+    assert len(np.unique(pixels)) > 200  # not clipped to white
+
+
 def test_model_names_become_what_timm_create_model_reads(tmp_path):
     from finetune.errors import FinetuneError
     from finetune.tasks.image_classification import timm_name
@@ -253,6 +296,15 @@ def test_a_folder_with_one_class_is_a_clear_error(base_models, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "The train split has no 'label' column" in result.output
     assert "one per class" in result.output and "at least two" in result.output
+
+
+def test_an_unknown_augmentation_policy_is_a_clear_error(base_models, colors_dir, tmp_path):
+    recipe = testing.image_recipe(base_models["cnn"], colors_dir, tmp_path / "run", "full",
+                                  task={"options": {"augmentation": {"auto_augment": "bogus"}}})
+    result = invoke("run", testing.write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "task.options.augmentation: timm cannot build this augmentation" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_column_without_images_is_a_clear_error(base_models, tmp_path):

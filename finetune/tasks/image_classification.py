@@ -37,7 +37,9 @@ class Augmentation(BaseModel):
     ratio: tuple[float, float] = Field((0.75, 1.3333), description="Random-resized-crop aspect ratio range.")
     hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
     vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip.")
-    color_jitter: float = Field(0.4, ge=0, description="Strength of brightness/contrast/saturation jitter; 0 turns it off.")
+    color_jitter: float = Field(
+        0.4, ge=0, description="Strength of brightness/contrast/saturation jitter; 0 turns it off. timm skips it when auto_augment is set."
+    )
     auto_augment: str | None = Field(None, description="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1, trivialaugment.")
     re_prob: float = Field(0.0, ge=0, le=1, description="Probability of random erasing.")
 
@@ -102,6 +104,10 @@ class ImageClassification:
         try:
             model = timm.create_model(name, pretrained=True, num_classes=len(self.labels), **extra)
         except Exception as exc:
+            if isinstance(exc, TypeError) and "drop_path_rate" in str(exc):
+                raise FinetuneError(
+                    f"task.options.drop_path_rate: the model '{name}' has no stochastic depth; remove the option."
+                ) from None
             raise FinetuneError(
                 f"model.name: timm could not load '{name}': {type(exc).__name__}: {exc}. Name a timm model "
                 "(resnet50.a1_in1k), a Hub repo (timm/vit_small_patch16_224.augreg_in21k, hf-hub:...) or a local "
@@ -120,10 +126,16 @@ class ImageClassification:
         evaluation = create_transform(**config, is_training=False)
         training = evaluation
         if self.options.augmentation is not None:
-            training = create_transform(**config, is_training=True, **self.options.augmentation.model_dump())
+            try:
+                training = create_transform(**config, is_training=True, **self.options.augmentation.model_dump())
+            except (AssertionError, ValueError, KeyError) as exc:
+                raise FinetuneError(
+                    f"task.options.augmentation: timm cannot build this augmentation ({type(exc).__name__}: {exc}). "
+                    "Check auto_augment (e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment) and the ranges."
+                ) from None
         # Decoded and transformed as batches are drawn: a new random augmentation every epoch.
         return DatasetDict(
-            {role: split.with_transform(_apply(training if role == "train" else evaluation)) for role, split in splits.items()}
+            {role: split.with_transform(_Transform(training if role == "train" else evaluation)) for role, split in splits.items()}
         )
 
     def collate(self, examples: list[dict]) -> dict:
@@ -194,32 +206,45 @@ def timm_name(source: str, revision: str | None = None) -> str:
     return name
 
 
-def _apply(transform):
-    def apply(batch: dict) -> dict:
-        return {"pixel_values": [transform(open_image(v)) for v in batch["image"]], "labels": batch["label"]}
+class _Transform:
+    """Decode a batch of images and apply a timm transform. A class, not a closure, so that
+    DataLoader workers started by spawning (macOS, Windows) can receive it."""
 
-    return apply
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        return {"pixel_values": [self.transform(open_image(v)) for v in batch["image"]], "labels": batch["label"]}
 
 
 def _head_modules(model) -> list[str]:
-    """The classifier as timm's pretrained config names it (a tuple for distilled models)."""
+    """The classifier as timm's pretrained config names it (a tuple for distilled models), else the
+    module(s) `get_classifier()` returns."""
     names = model.pretrained_cfg.get("classifier") or []
     names = [names] if isinstance(names, str) else list(names)
     modules = dict(model.named_modules())
     head = [n for n in names if n in modules]
-    if not head:  # a config without the name: find the module get_classifier() returns
-        classifier = model.get_classifier()
-        head = [n for n, m in modules.items() if m is classifier and n]
+    if not head:
+        classifiers = model.get_classifier()
+        classifiers = classifiers if isinstance(classifiers, tuple) else (classifiers,)
+        head = [n for n, m in modules.items() if n and any(m is c for c in classifiers)]
+    if not head:
+        raise FinetuneError(
+            f"model.name: cannot find the classifier of {type(model).__name__} (timm's config names "
+            f"{names or 'none'}); a head is needed to train and save. Use a timm classification model."
+        )
     return head
 
 
 def _lora_targets(model, head: list[str]) -> list[str]:
-    """Every linear layer of a transformer's blocks (attention and MLP), or for a CNN every
-    convolution that is not depthwise (peft's LoRA needs groups=1) and every linear layer."""
+    """For a transformer (linear attention projections: ViT, Swin, MaxViT ...) every linear layer of
+    its blocks (attention and MLP); for a CNN, every convolution that is not depthwise (peft's LoRA
+    needs groups=1) and every linear layer. Many CNNs have an `attn` slot holding a convolutional
+    block or nn.Identity: only linear layers inside it make a transformer."""
     import torch
 
     modules = [(n, m) for n, m in model.named_modules() if n and not is_head(n, head)]
-    transformer = any(".attn" in f".{n}" for n, _ in modules)
+    transformer = any(isinstance(m, torch.nn.Linear) and ".attn" in f".{n}" for n, m in modules)
     kinds = (torch.nn.Linear,) if transformer else (torch.nn.Linear, torch.nn.Conv2d)
     return [n for n, m in modules if isinstance(m, kinds) and getattr(m, "groups", 1) == 1]
 
@@ -231,7 +256,7 @@ def _usage(artifact: Artifact, labels: list[str]) -> str:
         return f"""\
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_model_data_config
 
 model = timm.create_model({timm_location}, pretrained=True).eval()
@@ -242,7 +267,7 @@ labels = model.pretrained_cfg["label_names"]
 import timm
 import torch
 from peft import PeftConfig, PeftModel
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_model_data_config
 
 labels = {json.dumps(labels)}
@@ -255,7 +280,7 @@ def _predict(configured: str) -> str:
     """The snippet's last lines: preprocess as the model `configured` says, print the top class."""
     return f"""\
 transform = create_transform(**resolve_model_data_config({configured}), is_training=False)
-image = Image.open("image.jpg").convert("RGB")
+image = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGB")
 with torch.no_grad():
     probabilities = model(transform(image).unsqueeze(0)).softmax(-1)[0]
 print(labels[probabilities.argmax()], f"{{probabilities.max():.3f}}")
