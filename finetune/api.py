@@ -120,8 +120,8 @@ class Task(Protocol):
         Raise finetune.errors.DataError with a message naming the column or file on bad data."""
 
     def data_facts(self) -> dict:
-        """What `prepare_data` found worth recording (rows dropped and why, files skipped), stored in
-        metrics.json under `data.task` for the card; {} when there is nothing to say."""
+        """Optional. What `prepare_data` found worth recording (rows dropped and why, files skipped),
+        stored in metrics.json under `data.task` for the card; {} when there is nothing to say."""
 
     def build_model(self, source: str, revision: str | None) -> TaskModel:
         """Load the pretrained backbone from `source` (Hub id or local directory) and add the task's head."""
@@ -160,15 +160,28 @@ class Method(Protocol):
         """Make the model trainable this method's way; return the module to train."""
 
     def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
-        """The trainable parameters of the prepared `model`, grouped for the optimizer:
+        """Optional. The trainable parameters of the prepared `model`, grouped for the optimizer:
         `[{"params": [...]}, {"params": [...], "lr": 1e-5}]`; a group without "lr" uses train.lr.
-        The core splits every group again for weight decay."""
+        The core splits every group again for weight decay. Default: one group of every parameter
+        that requires a gradient."""
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         """Fold an adapter into its base model (adapter methods only)."""
 
 
 _CONTRACTS = {"task": Task, "method": Method}
+OPTIONAL = {"task": ("data_facts",), "method": ("parameter_groups",)}
+"""Members a plugin may leave out; the core then does what their docstrings call the default."""
+
+
+def data_facts_of(task) -> dict:
+    return task.data_facts() if hasattr(task, "data_facts") else {}
+
+
+def parameter_groups_of(method, model) -> list[dict]:
+    if hasattr(method, "parameter_groups"):
+        return method.parameter_groups(model)
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
 
 def check_plugin(plugin: Any, kind: str) -> list[str]:
@@ -177,7 +190,7 @@ def check_plugin(plugin: Any, kind: str) -> list[str]:
     if not inspect.isclass(plugin):
         return [f"the entry point must name a class, not {type(plugin).__name__} {plugin!r}"]
     problems = []
-    for member in _members(contract):
+    for member in [m for m in _members(contract) if m not in OPTIONAL[kind]]:
         if not hasattr(plugin, member):
             problems.append(f"missing member '{member}'")
         elif inspect.isfunction(vars(contract).get(member)) and not callable(getattr(plugin, member)):

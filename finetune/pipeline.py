@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import plugins
+from finetune.api import data_facts_of
 from finetune.recipe import Recipe
 from finetune.rundir import RunLayout, replace_dir, write_json
 
@@ -92,7 +93,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 
     if accelerator.is_main_process:  # hashing the data folder once is enough
         summary["base_model"] = base_model_facts(recipe, source, task_model.hub_id)
-        summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=task.data_facts())
+        summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=data_facts_of(task))
         summary["environment"] = environment_facts(accelerator)
         _save_model(task, method, unwrapped, layout, recipe.writes_merged)
         write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})

@@ -214,6 +214,7 @@ def test_feature_extraction_keeps_every_backbone_weight_and_batchnorm_buffer(fin
 def test_full_fine_tuning_can_give_the_backbone_a_smaller_learning_rate(base_models, colors_dir, tmp_path):
     recipe = testing.image_recipe(base_models["cnn"], colors_dir, tmp_path / "run", "full",
                                   method={"options": {"backbone_lr": 1e-4}}, train={"max_steps": 1})
+    from finetune.api import parameter_groups_of
     from finetune.methods.full import Full, FullOptions
     from finetune.recipe import load_recipe
     from finetune.tasks.image_classification import ImageClassification
@@ -224,7 +225,7 @@ def test_full_fine_tuning_can_give_the_backbone_a_smaller_learning_rate(base_mod
     task.labels = LABELS
     method = Full(FullOptions(backbone_lr=1e-4))
     model = method.prepare(task.build_model(str(base_models["cnn"]), None))
-    groups = build_optimizer(method.parameter_groups(model), loaded.train).param_groups
+    groups = build_optimizer(parameter_groups_of(method, model), loaded.train).param_groups
     head = {id(p) for p in model.fc.parameters()}
     by_lr: dict[float, set] = {}
     for group in groups:  # each learning rate has a group with weight decay and one without

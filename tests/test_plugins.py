@@ -72,7 +72,7 @@ def test_broken_plugins_are_reported_and_do_not_break_other_commands(broken_site
     assert (
         "the task 'half-task' from the distribution 'broken-plugins 1.2' (broken_pkg.half:HalfTask) does not meet the "
         "task contract: missing member 'methods'; missing member 'default_metrics'; missing member 'stratify_column'; "
-        "missing member 'data_facts'; missing member 'build_model'; missing member 'preprocess'; missing member 'collate'; missing member "
+        "missing member 'build_model'; missing member 'preprocess'; missing member 'collate'; missing member "
         "'training_step'; missing member 'eval_step'; missing member 'save'; missing member 'card'" in text
     )
     assert "the entry point must name a class, not function" in text

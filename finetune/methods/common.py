@@ -10,11 +10,6 @@ def is_head(name: str, head: list[str]) -> bool:
     return any(name == h or name.startswith(h + ".") for h in head)
 
 
-def trainable(model) -> list[dict]:
-    """One optimizer group of every parameter that requires a gradient."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-
 def keep_in_eval(module) -> None:
     """Make `module.train()` a no-op that keeps eval mode (the state dict is untouched):
     dropout stays off and batch-norm running statistics stop moving."""

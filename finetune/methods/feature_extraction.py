@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from finetune.api import TaskModel
-from finetune.methods.common import is_head, keep_in_eval, trainable
+from finetune.methods.common import is_head, keep_in_eval
 
 
 class FeatureExtractionOptions(BaseModel):
@@ -30,10 +30,6 @@ class FeatureExtraction:
         for module in _frozen_roots(model, head):
             keep_in_eval(module)
         return model
-
-    def parameter_groups(self, model):
-        return trainable(model)
-
     def merge(self, model):
         return model
 

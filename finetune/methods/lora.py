@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
 from finetune.errors import FinetuneError
-from finetune.methods.common import is_head, keep_in_eval, trainable
+from finetune.methods.common import is_head, keep_in_eval
 
 
 class LoraOptions(BaseModel):
@@ -57,9 +57,5 @@ class Lora:
             return get_peft_model(task_model.model, config)
         except ValueError as exc:
             raise FinetuneError(f"method.options.target_modules: {exc}") from None
-
-    def parameter_groups(self, model):
-        return trainable(model)
-
     def merge(self, model):
         return model.merge_and_unload()

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+from finetune.api import parameter_groups_of
 from finetune.recipe import Recipe
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.optim import build_optimizer, build_scheduler
@@ -35,7 +36,7 @@ def train(accelerator, model, task, method, splits, recipe: Recipe, metrics, che
     steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = build_optimizer(method.parameter_groups(model), t)
+    optimizer = build_optimizer(parameter_groups_of(method, model), t)
     scheduler = build_scheduler(optimizer, t, total_steps, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
