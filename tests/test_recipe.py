@@ -68,6 +68,14 @@ def test_missing_data_file_and_unknown_method(tmp_path):
     assert f"data.files.train: file not found: {tmp_path / 'missing.jsonl'} (line 4)" in problems
 
 
+def test_a_local_data_folder_must_exist_and_resolves_against_the_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntask: {name: image-classification}\nmodel: {name: m}\ndata: {path: ./photos}\nmethod: {name: full}\n")
+    assert f"data.path: the local folder '{tmp_path / 'photos'}' does not exist (relative paths start at the recipe's folder) (line 4)" in problems_of(path)
+    (tmp_path / "photos").mkdir()
+    assert load_recipe(path).data_folder == (tmp_path / "photos").resolve()
+
+
 def test_overrides_parse_yaml_scalars_and_keep_equals_signs():
     raw = {"train": {"lr": 1e-5}, "name": "a"}
     apply_overrides(raw, ["train.lr=3e-4", "train.epochs=2", "name=a=b", "card.tags=[x, y]", "eval.early_stopping.metric=f1"])
