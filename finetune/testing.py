@@ -101,9 +101,7 @@ def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str
         "train": {"epochs": 5, "batch_size": 16, "lr": 5e-3, "log_every_steps": 3, "seed": 7},
         "output": {"dir": str(run_dir)},
     }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    return recipe
+    return _with_sections(recipe, sections)
 
 
 # -- images ---------------------------------------------------------------------------------
@@ -163,6 +161,11 @@ def image_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: st
         "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "log_every_steps": 2, "seed": 7},
         "output": {"dir": str(run_dir)},
     }
+    return _with_sections(recipe, sections)
+
+
+def _with_sections(recipe: dict, sections: dict) -> dict:
+    """Each given section's keys replace the recipe's (one level deep: `train={"lr": 1e-3}` keeps the other train keys)."""
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
