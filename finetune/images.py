@@ -42,19 +42,19 @@ def check_images(splits: DatasetDict, column: str, *, skip: bool) -> tuple[Datas
     """Decode every image of every split once (cached by `datasets`). Raise DataError naming the
     unreadable files, or, with `skip`, drop them; return the splits (images undecoded) and the
     names of the skipped files per split."""
-    from datasets import Image
+    from datasets import Image as ImageFeature
 
     skipped: dict[str, list[str]] = {}
     for role in list(splits):
         split = splits[role]
         feature = split.features.get(column)
-        if not isinstance(feature, Image):
+        if not isinstance(feature, ImageFeature):
             raise DataError(
                 f"The '{column}' column of the {role} split holds {feature}, not images. Use an image folder "
                 f"(data.path: a folder with one sub-folder per class) or a dataset whose '{column}' column is an Image feature; "
                 f"rename another column with data.columns, e.g. {{img: {column}}}."
             )
-        split = split.cast_column(column, Image(decode=False))
+        split = split.cast_column(column, ImageFeature(decode=False))
         bad = _unreadable(split, column, role)
         if bad and not skip:
             shown = "; ".join(f"{where} ({reason})" for _, where, reason in bad[:_SHOWN])
@@ -74,9 +74,9 @@ def check_images(splits: DatasetDict, column: str, *, skip: bool) -> tuple[Datas
 def _unreadable(split: Dataset, column: str, role: str) -> list[tuple[int, str, str]]:
     """(row, file or row label, reason) of every image that does not decode."""
 
-    def check(values, indices):
+    def check(values):
         problems = []
-        for value, index in zip(values, indices):
+        for value in values:
             try:
                 open_image(value, draft=(64, 64))
                 problems.append("")
@@ -86,7 +86,7 @@ def _unreadable(split: Dataset, column: str, role: str) -> list[tuple[int, str, 
 
     workers = min(os.cpu_count() or 1, 8) if len(split) >= 5000 else None
     result = split.map(
-        check, batched=True, with_indices=True, input_columns=[column], remove_columns=split.column_names,
+        check, batched=True, input_columns=[column], remove_columns=split.column_names,
         num_proc=workers, desc=f"Checking {role} images",
     )
     found = []

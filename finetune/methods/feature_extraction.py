@@ -30,6 +30,7 @@ class FeatureExtraction:
         for module in _frozen_roots(model, head):
             keep_in_eval(module)
         return model
+
     def merge(self, model):
         return model
 

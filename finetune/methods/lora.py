@@ -57,5 +57,6 @@ class Lora:
             return get_peft_model(task_model.model, config)
         except ValueError as exc:
             raise FinetuneError(f"method.options.target_modules: {exc}") from None
+
     def merge(self, model):
         return model.merge_and_unload()
