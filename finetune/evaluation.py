@@ -1,21 +1,20 @@
 """Metrics through `evaluate`, working offline.
 
-The common classification metrics ship with finetune as `evaluate` modules (finetune/metrics/)
-and load from the package folder; any other name is passed to `evaluate.load`, which needs
-the Hub. `import evaluate` is slow (~6 s), so this is the only module that imports it.
+Metrics are `evaluate` modules registered under the `finetune.metrics` entry point: the common
+classification metrics ship with finetune (finetune/metrics/), plugins add theirs the same way,
+and `evaluate.load` runs them from their files. Any other name is passed to `evaluate.load`,
+which needs the Hub. `import evaluate` is slow (~6 s), so this is the only module that imports it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from finetune import plugins
 from finetune.errors import FinetuneError
 
-SHIPPED_DIR = Path(__file__).parent / "metrics"
 
-
-def shipped_metrics() -> list[str]:
-    return sorted(p.stem for p in SHIPPED_DIR.glob("*.py") if not p.stem.startswith("_"))
+def installed_metrics() -> list[str]:
+    """Metric names that work offline: those registered under the `finetune.metrics` entry point."""
+    return sorted(plugins.available(plugins.METRICS))
 
 
 class Metrics:
@@ -51,13 +50,16 @@ def _load(name: str):
     import evaluate
 
     evaluate.utils.logging.disable_progress_bar()
-    path = SHIPPED_DIR / f"{name}.py"
-    if path.is_file():
+    try:
+        path = plugins.metric_file(name)
+    except FinetuneError as exc:
+        raise FinetuneError(f"eval.metrics: {exc}") from None
+    if path is not None:
         return evaluate.load(str(path))  # a local module file: no network involved
     try:
         return evaluate.load(name)
     except Exception as exc:
         raise FinetuneError(
             f"eval.metrics: could not load the metric '{name}' ({type(exc).__name__}: {exc}). "
-            f"Metrics that work offline: {', '.join(shipped_metrics())}; other names need the Hugging Face Hub."
+            f"Metrics that work offline: {', '.join(installed_metrics())}; other names need the Hugging Face Hub."
         ) from None

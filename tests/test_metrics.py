@@ -3,11 +3,11 @@
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.evaluation import Metrics, shipped_metrics
+from finetune.evaluation import Metrics, installed_metrics
 
 
-def test_shipped_metrics():
-    assert shipped_metrics() == ["accuracy", "f1", "macro_f1", "matthews_correlation", "precision", "recall", "top5_accuracy"]
+def test_builtin_metrics_are_installed_through_the_entry_point():
+    assert {"accuracy", "f1", "macro_f1", "matthews_correlation", "precision", "recall", "top5_accuracy"} <= set(installed_metrics())
 
 
 def test_binary_scores():
@@ -55,5 +55,20 @@ def test_a_ranking_metric_needs_scores():
 
 
 def test_unknown_metric_without_the_hub():
-    with pytest.raises(FinetuneError, match="could not load the metric 'bleurt-xl'.*Metrics that work offline: accuracy, f1"):
+    with pytest.raises(FinetuneError, match="could not load the metric 'bleurt-xl'.*Metrics that work offline: accuracy, .*macro_f1, matthews_correlation"):
         Metrics(["bleurt-xl"])
+
+
+def test_a_metric_plugin_naming_no_module_is_reported(tmp_path, monkeypatch):
+    from finetune import plugins
+
+    info = tmp_path / "lost_metric-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lost-metric\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[finetune.metrics]\nlost = lost_metric.scores\nobject = finetune.metrics.f1:F1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FinetuneError, match=r"^eval.metrics: the metric 'lost' from the distribution 'lost-metric 1.0' "
+                                            r"\(lost_metric.scores\) cannot be used: .*lost_metric"):
+        Metrics(["lost"])
+    with pytest.raises(FinetuneError, match=r"the entry point must name a module \(package.module\), not an object in it"):
+        plugins.metric_file("object")
