@@ -366,7 +366,10 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
             )
     stop = recipe.eval.early_stopping
     metrics = recipe.eval.metrics or getattr(task_cls, "default_metrics", None)
-    if stop is not None and metrics is not None and stop.metric not in [*metrics, "loss"]:
+    # finetune's own metrics report one result named as they are; the results of a plugin's
+    # metric ('entities' reports entity_f1 ...) are known only at the first evaluation.
+    own = {name for name, ep in plugins.available(plugins.METRICS).items() if ep.dist and ep.dist.name == "finetune"}
+    if stop is not None and metrics is not None and set(metrics) <= own and stop.metric not in [*metrics, "loss"]:
         problems.append(
             f"eval.early_stopping.metric: '{stop.metric}' is not computed; choose one of {[*metrics, 'loss']}"
             + _at(lines, ("eval", "early_stopping", "metric"))
