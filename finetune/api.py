@@ -1,12 +1,15 @@
 """The plugin contract: everything a task or method plugin author needs, on one screen.
 
-A plugin is a class, registered under an entry point:
+A plugin is a class, registered under an entry point (a metric is an `evaluate` module):
 
     [project.entry-points."finetune.tasks"]
     my-task = "my_package.task:MyTask"
 
     [project.entry-points."finetune.methods"]
     my-method = "my_package.method:MyMethod"
+
+    [project.entry-points."finetune.metrics"]
+    my_metric = "my_package.my_metric"
 
 The core creates one instance per run, passing the plugin's validated `Options`, and calls
 the members below in this order. A task knows its data, its model and its loss; a method
@@ -137,7 +140,9 @@ class Task(Protocol):
 
     def eval_step(self, model: torch.nn.Module, batch: dict) -> dict:
         """Forward pass without gradients; return `loss` and, to compute metrics, `predictions` and
-        `references`, and `scores` (per-class logits) for metrics that rank classes, such as top-5 accuracy."""
+        `references`, and `scores` (per-class logits) for metrics that rank classes, such as top-5 accuracy.
+        Each is a tensor with one row per example, or a list with one entry per example of any
+        length (a sentence's tags), gathered as Python objects; predictions.json stores them as given."""
 
     def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
         """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
@@ -168,6 +173,18 @@ class Method(Protocol):
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         """Fold an adapter into its base model (adapter methods only)."""
 
+
+PUBLIC_MODULES = (
+    "finetune.api",  # this contract
+    "finetune.errors",  # DataError, FinetuneError: shown to the user as one clean message
+    "finetune.testing",  # tiny models and data, run_recipe, check_conformance
+    "finetune.evaluation",  # Metrics: load and compute metrics by name, as a run does
+    "finetune.labels",  # encode_labels: a label column to a checked ClassLabel
+    "finetune.images",  # open_image, check_images
+    "finetune.reports",  # classification_sections: per-class table and confusion matrix for a card
+    "finetune.transformers_models",  # classifier_task_model, head_modules, lora_targets, adapter_snippet
+)
+"""The modules a plugin may import. The rest of finetune is internal and may change."""
 
 _CONTRACTS = {"task": Task, "method": Method}
 OPTIONAL = {"task": ("data_facts",), "method": ("parameter_groups",)}

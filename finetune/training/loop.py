@@ -135,7 +135,10 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
             loss_sum += float(weighted.sum())
             examples += int(accelerator.gather(size).sum())
             for key in [k for k in gathered if k in out]:
-                gathered[key] += accelerator.gather_for_metrics(out[key]).tolist()
+                if hasattr(out[key], "tolist"):  # a tensor, one row per example
+                    gathered[key] += accelerator.gather_for_metrics(out[key]).tolist()
+                else:  # a list per example of any length (a sentence's tags): gathered as objects
+                    gathered[key] += accelerator.gather_for_metrics(list(out[key]), use_gather_object=True)
     model.train()
     results = {"loss": loss_sum / examples}  # mean over examples, not over batches of unequal size
     if gathered["predictions"]:
