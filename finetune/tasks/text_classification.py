@@ -16,17 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
 from finetune.errors import DataError, FinetuneError
 from finetune.labels import encode_labels
-from finetune.methods.common import is_head
 from finetune.reports import classification_sections
+from finetune.transformers_models import adapter_snippet, classifier_task_model
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from datasets import DatasetDict
-
-# peft knows the attention projections of most encoders; these are the ones it lacks.
-_EXTRA_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
-
 
 class TextClassificationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -71,32 +67,13 @@ class TextClassification:
 
     # -- model ----------------------------------------------------------------------------
     def build_model(self, source: str, revision: str | None) -> TaskModel:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                source,
-                revision=revision,
-                num_labels=len(self.labels),
-                id2label=dict(enumerate(self.labels)),
-                label2id={name: i for i, name in enumerate(self.labels)},
-                ignore_mismatched_sizes=True,  # a checkpoint that already has a head of another size
-                output_loading_info=True,
-            )
         except Exception as exc:
-            raise FinetuneError(
-                f"model.name: could not load '{source}' for sequence classification: {type(exc).__name__}: {exc}"
-            ) from None
-        model_type = model.config.model_type
-        targets = _EXTRA_LORA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type) or []
-        return TaskModel(
-            model=model,
-            head=_head_modules(model, info),
-            lora_targets=list(targets),
-            peft_task_type="SEQ_CLS",
-        )
+            raise FinetuneError(f"model.name: could not load a tokenizer from '{source}': {type(exc).__name__}: {exc}") from None
+        return classifier_task_model(AutoModelForSequenceClassification, source, revision, self.labels, "SEQ_CLS")
 
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
         from transformers import DataCollatorWithPadding
@@ -143,7 +120,6 @@ class TextClassification:
 
 def _usage(artifact: Artifact, labels: list[str]) -> str:
     example = "This was a wonderful experience."
-    where = json.dumps(artifact.location) + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
     if not artifact.adapter:
         return f"""\
 from transformers import pipeline
@@ -151,38 +127,10 @@ from transformers import pipeline
 classifier = pipeline("text-classification", model={json.dumps(artifact.location)})
 print(classifier("{example}"))
 """
-    # The base model is built with this run's labels: the base config has none.
-    id2label = json.dumps(dict(enumerate(labels)))
-    return f"""\
+    return adapter_snippet(artifact, "AutoModelForSequenceClassification", labels) + f"""\
 import torch
-from peft import PeftConfig, PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-id2label = {{int(k): v for k, v in {id2label}.items()}}
-config = PeftConfig.from_pretrained({where})
-base = AutoModelForSequenceClassification.from_pretrained(
-    config.base_model_name_or_path, num_labels={len(labels)}, id2label=id2label, label2id={{v: k for k, v in id2label.items()}}
-)
-model = PeftModel.from_pretrained(base, {where})
-tokenizer = AutoTokenizer.from_pretrained({where})
 inputs = tokenizer(["{example}"], return_tensors="pt")
 with torch.no_grad():
     print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])
 """
-
-
-def _head_modules(model, loading_info: dict) -> list[str]:
-    """The task head: every top-level module outside the pretrained backbone, plus any module
-    whose weights were newly initialised (a frozen random layer would silently hurt)."""
-    backbone = getattr(model, model.base_model_prefix, None)
-    head = [
-        name
-        for name, child in model.named_children()
-        if child is not backbone and any(True for _ in child.parameters())
-    ]
-    mismatched = [k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys", [])]
-    for key in [*loading_info.get("missing_keys", []), *mismatched]:
-        module = key.rsplit(".", 1)[0]
-        if not is_head(module, head):
-            head.append(module)
-    return head
