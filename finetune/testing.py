@@ -1,4 +1,5 @@
-"""Builders for tests: tiny models, tiny datasets and recipes, offline and in seconds.
+"""Builders for tests: tiny models, tiny datasets and recipes, offline and in seconds, and the
+conformance check for plugins.
 
 Used by finetune's own test suite and meant for plugin authors' suites too. Models are built
 from configs and written with `save_pretrained`, so tests exercise the real loading path.
@@ -11,6 +12,17 @@ import random
 from pathlib import Path
 
 import yaml
+
+from finetune.conformance import ConformanceError, check_conformance  # noqa: F401  (re-exported for plugin authors)
+
+# For a test session's os.environ, before any Hugging Face library is imported: no network, less noise.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 POSITIVE = ["great", "wonderful", "excellent", "loved", "superb", "fantastic", "delightful", "brilliant"]
 NEGATIVE = ["terrible", "awful", "boring", "hated", "dreadful", "poor", "horrible", "disappointing"]
@@ -39,16 +51,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def tiny_tokenizer(directory: Path, *, with_token_types: bool):
-    """A WordPiece tokenizer trained on the test vocabulary, saved so AutoTokenizer loads it."""
+def tiny_tokenizer(directory: Path, *, with_token_types: bool, words: list[str] | None = None, vocab_size: int = 200):
+    """A lowercasing WordPiece tokenizer trained on `words` (default: the sentiment vocabulary),
+    saved so AutoTokenizer loads it. Words it learned too rarely are split into sub-words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [" ".join(POSITIVE + NEGATIVE + FILLER)] * 4
-    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=SPECIAL_TOKENS))
+    corpus = [" ".join(words or POSITIVE + NEGATIVE + FILLER)] * 4
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -62,13 +75,16 @@ def tiny_tokenizer(directory: Path, *, with_token_types: bool):
     return wrapped
 
 
-def tiny_text_model(directory: Path, model_type: str = "distilbert", seed: int = 0) -> Path:
-    """A randomly initialised 2-layer encoder (no classification head) and its tokenizer."""
+def tiny_text_model(directory: Path, model_type: str = "distilbert", seed: int = 0, words: list[str] | None = None,
+                    vocab_size: int = 200) -> Path:
+    """A randomly initialised 2-layer encoder (no task head) and its tokenizer, trained on `words`
+    (default: the sentiment vocabulary) with at most `vocab_size` tokens (a small one splits
+    words into sub-words). Loads with any Auto class that adds a head."""
     import torch
     from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
     directory = Path(directory)
-    tokenizer = tiny_tokenizer(directory, with_token_types=model_type == "bert")
+    tokenizer = tiny_tokenizer(directory, with_token_types=model_type == "bert", words=words, vocab_size=vocab_size)
     torch.manual_seed(seed)
     if model_type == "distilbert":
         config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
@@ -88,6 +104,15 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def run_recipe(path: Path, recipe: dict, *, overwrite: bool = True):
+    """Write `recipe` to `path`, load it as `finetune run` does and run it in this process;
+    return the finetune.pipeline.RunSummary (run_dir, model_dir, card, metrics, parameters)."""
+    from finetune.pipeline import run
+    from finetune.recipe import load_recipe
+
+    return run(load_recipe(write_recipe(path, recipe)), overwrite=overwrite)
 
 
 def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str = "full", **sections) -> dict:

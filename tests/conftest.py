@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import os
-
-# Offline and quiet, before any Hugging Face library is imported.
-os.environ.update(
-    HF_HUB_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    HF_HUB_DISABLE_TELEMETRY="1",
-    TRANSFORMERS_VERBOSITY="error",
-    TOKENIZERS_PARALLELISM="false",
-)
-
 from pathlib import Path
 
 import pytest
 
 from finetune import testing
+
+os.environ.update(testing.OFFLINE_ENV)  # finetune.testing imports no Hugging Face library
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,134 @@
+"""finetune.testing.check_conformance: a conforming task passes under every method; each kind of
+defect is named precisely, all at once."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+
+import pytest
+
+from finetune import plugins, testing
+
+DEFECTIVE = '''
+from pydantic import BaseModel
+from finetune.tasks.text_classification import TextClassification
+
+
+class LooseOptions(BaseModel):
+    max_length: int = 32
+
+
+class Sloppy(TextClassification):
+    Options = LooseOptions
+    methods = ("full", "no-such-method")
+    default_metrics = ["accuracy", "bleu"]
+
+
+class CrashingCollate(TextClassification):
+    methods = ("full",)
+
+    def collate(self, examples):
+        return {"input_ids": examples["input_ids"]}
+
+
+class SilentEval(TextClassification):
+    methods = ("full",)
+
+    def eval_step(self, model, batch):
+        return {"loss": model(**batch).loss}
+
+
+class Half:
+    Options = LooseOptions
+'''
+
+
+@pytest.fixture
+def defective_site(tmp_path, monkeypatch):
+    """An installed distribution whose task plugins each have one kind of defect."""
+    site = tmp_path / "site"
+    (site / "defective_pkg").mkdir(parents=True)
+    (site / "defective_pkg" / "__init__.py").write_text("")
+    (site / "defective_pkg" / "tasks.py").write_text(DEFECTIVE)
+    info = site / "defective_plugins-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: defective-plugins\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(
+        "[finetune.tasks]\n"
+        "sloppy = defective_pkg.tasks:Sloppy\n"
+        "crashing-collate = defective_pkg.tasks:CrashingCollate\n"
+        "silent-eval = defective_pkg.tasks:SilentEval\n"
+        "half = defective_pkg.tasks:Half\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    plugins.load.cache_clear()
+    yield site
+    plugins.load.cache_clear()
+    for name in [n for n in sys.modules if n.startswith("defective_pkg")]:
+        del sys.modules[name]  # each test's package lives in its own tmp folder
+
+
+def recipe_for(task: str, distilbert_dir, sentiment_dir, tmp_path) -> dict:
+    recipe = testing.text_recipe(distilbert_dir, sentiment_dir, tmp_path / "unused")
+    recipe["task"]["name"] = task
+    return recipe
+
+
+def problems_of(task: str, distilbert_dir, sentiment_dir, tmp_path) -> list[str]:
+    with pytest.raises(testing.ConformanceError) as caught:
+        testing.check_conformance(recipe_for(task, distilbert_dir, sentiment_dir, tmp_path), tmp_path / "check")
+    assert str(caught.value).startswith(f"the task plugin '{task}' does not conform ({len(caught.value.problems)} problem")
+    return caught.value.problems
+
+
+def test_the_builtin_text_task_conforms_under_every_method(distilbert_dir, sentiment_dir, tmp_path):
+    runs = testing.check_conformance(recipe_for("text-classification", distilbert_dir, sentiment_dir, tmp_path), tmp_path / "check")
+    assert sorted(runs) == ["feature-extraction", "full", "lora"]
+    assert (runs["lora"].run_dir / "model-merged" / "config.json").is_file()  # adapter methods also merge
+    assert all(summary.metrics["eval"]["loss"] > 0 for summary in runs.values())
+
+
+def test_every_static_defect_is_listed_at_once(defective_site, distilbert_dir, sentiment_dir, tmp_path):
+    assert problems_of("sloppy", distilbert_dir, sentiment_dir, tmp_path) == [
+        'Sloppy.Options must forbid unknown keys (model_config = ConfigDict(extra="forbid")), or a misspelt option '
+        "in a recipe is silently ignored",
+        "Sloppy.Options.max_length has no description (Field(..., description=...)): recipe errors and the docs show it",
+        "Task.methods names 'no-such-method', which is not an installed method (installed: feature-extraction, full, lora)",
+        "Task.default_metrics names 'bleu', which no installed package registers under the 'finetune.metrics' entry "
+        "point: it would need the Hugging Face Hub",
+    ]
+    assert not (tmp_path / "check").exists()  # nothing is run when the plugin is wrong before running
+
+
+def test_missing_members_are_all_named(defective_site, distilbert_dir, sentiment_dir, tmp_path):
+    (problem,) = problems_of("half", distilbert_dir, sentiment_dir, tmp_path)
+    assert problem.startswith("the task 'half' from the distribution 'defective-plugins 0.3' (defective_pkg.tasks:Half) "
+                              "does not meet the task contract: missing member 'methods'; missing member 'default_metrics';")
+    assert problem.endswith("missing member 'save'; missing member 'card'")
+
+
+def test_a_crash_names_the_plugins_own_line(defective_site, distilbert_dir, sentiment_dir, tmp_path):
+    (problem,) = problems_of("crashing-collate", distilbert_dir, sentiment_dir, tmp_path)
+    source = defective_site / "defective_pkg" / "tasks.py"
+    line = DEFECTIVE.splitlines().index('        return {"input_ids": examples["input_ids"]}') + 1
+    assert problem == (f"with full: the short run failed in CrashingCollate.collate ({source}:{line}): "
+                       "TypeError: list indices must be integers or slices, not str")
+
+
+def test_an_eval_step_without_predictions_is_named(defective_site, distilbert_dir, sentiment_dir, tmp_path):
+    assert problems_of("silent-eval", distilbert_dir, sentiment_dir, tmp_path) == [
+        "with full: eval_step returns no `predictions` and `references`, so no metric was computed"
+    ]
+
+
+def test_a_broken_card_snippet_is_named(defective_site, distilbert_dir, sentiment_dir, tmp_path, monkeypatch):
+    from finetune.tasks import text_classification
+
+    monkeypatch.setattr(text_classification, "_usage", lambda artifact, labels: "import no_such_module\n")
+    problems = problems_of("text-classification", distilbert_dir, sentiment_dir, tmp_path)
+    assert problems[0] == ("with feature-extraction: the card's usage snippet for model/ fails: "
+                           "ModuleNotFoundError: No module named 'no_such_module'")
+    assert any(re.fullmatch(r"with lora: the card's usage snippet for model-merged/ fails: .*", p) for p in problems)
