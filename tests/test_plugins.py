@@ -56,7 +56,9 @@ def test_builtins_are_listed_with_their_distribution():
     out = finetune_cli("plugins")
     assert out.returncode == 0
     lines = out.stdout.splitlines()
-    for kind, name in [("task", "text-classification"), ("task", "image-classification"), ("method", "feature-extraction"), ("method", "full"), ("method", "lora")]:
+    builtins = [("task", "text-classification"), ("task", "image-classification"), ("method", "feature-extraction"),
+                ("method", "full"), ("method", "lora"), ("metric", "accuracy"), ("metric", "top5_accuracy")]
+    for kind, name in builtins:
         assert any(line.split()[:3] == [kind, name, "finetune"] and line.split()[-1] == "ok" for line in lines), out.stdout
 
 
@@ -88,3 +90,29 @@ def test_a_recipe_naming_a_broken_plugin_gets_its_reason(broken_site):
     assert out.returncode == 1
     assert "task.name: the task 'crashing-task' from the distribution 'broken-plugins 1.2' failed to import" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+EXAMPLE = REPO / "plugins" / "finetune-token-classification"
+
+
+def test_the_example_plugin_is_listed_until_uninstalled():
+    """`finetune plugins` shows what is installed now: the example plugin goes with `pip uninstall`,
+    and recipes naming it get the registry's message. It is reinstalled as the test command installed it."""
+
+    def listed() -> list[list[str]]:
+        out = finetune_cli("plugins").stdout
+        return [line.split() for line in out.splitlines() if "finetune-token-classification" in line]
+
+    installed = [["task", "token-classification", "finetune-token-classification", "0.1.0", "ok"],
+                 ["metric", "entities", "finetune-token-classification", "0.1.0", "ok"]]
+    assert listed() == installed, "the README's test command installs plugins/finetune-token-classification first"
+    pip = [sys.executable, "-m", "pip", "--quiet"]
+    subprocess.run([*pip, "uninstall", "--yes", "finetune-token-classification"], check=True)
+    try:
+        assert listed() == []
+        out = finetune_cli("validate", str(EXAMPLE / "recipes" / "tiny-ner.yaml"))
+        assert out.returncode == 1
+        assert "task.name: unknown task 'token-classification'. Did you mean 'text-classification'?" in out.stderr
+    finally:
+        subprocess.run([*pip, "install", "--no-deps", "--editable", str(EXAMPLE)], check=True)
+    assert listed() == installed

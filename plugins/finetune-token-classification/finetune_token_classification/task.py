@@ -1,0 +1,182 @@
+"""Token classification (named-entity tagging) with any transformers encoder that has a fast
+tokenizer (BERT, DistilBERT, RoBERTa, DeBERTa ...).
+
+Columns (rename yours with `data.columns`, e.g. `{ner_tags: tags}` for CoNLL-2003): `tokens`, a
+list of words per sentence, and `tags`, one IOB2 tag per word (strings, or a list of ClassLabel
+as on the Hub). Words are split into sub-words by the model's tokenizer; each word's tag goes on
+its first sub-word, and the other sub-words are ignored by the loss and the scores (-100), so a
+prediction is one tag per word, as the data has it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.errors import DataError, FinetuneError
+from finetune.transformers_models import classifier_task_model
+from finetune_token_classification import card
+from finetune_token_classification.tags import check_scheme, encode_tags, entity_types, tag_names
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from datasets import DatasetDict
+
+IGNORED = -100  # the label of sub-words after a word's first, and of special tokens: no loss, no score
+# Byte-level BPE tokenizers mark a word start by a leading space; pre-split words need it added.
+_PREFIX_SPACE_MODELS = {"roberta", "deberta", "gpt2", "bloom", "longformer", "bart"}
+
+
+class TokenClassificationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_length: int = Field(
+        128, ge=8,
+        description="Truncate sentences to this many sub-word tokens; the words cut off are not scored (the card counts them).",
+    )
+
+
+class TokenClassification:
+    Options = TokenClassificationOptions
+    methods = ("feature-extraction", "full", "lora")
+    default_metrics = ["entities"]
+    stratify_column = None  # one tag per word: there is no single label to stratify on
+
+    def __init__(self, options: TokenClassificationOptions):
+        self.options = options
+        self.tags: list[str] = []
+        self.facts: dict = {}
+        self.tokenizer = None
+        self._collator = None
+
+    # -- data -----------------------------------------------------------------------------
+    def prepare_data(self, splits: DatasetDict) -> DatasetDict:
+        for role, split in splits.items():
+            for column in ("tokens", "tags"):
+                if column not in split.column_names:
+                    raise DataError(
+                        f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
+                        f"Map yours with data.columns, e.g. data.columns: {{ner_tags: tags}}."
+                    )
+            if not hasattr(split.features["tokens"], "feature"):
+                raise DataError(
+                    f"The {role} split's 'tokens' column holds {split.features['tokens']}, not lists of words. "
+                    "token-classification needs each sentence split into words, one tag per word."
+                )
+        empty = {}
+        for role in list(splits):
+            rows = [(len(tokens), len(tags)) for tokens, tags in zip(splits[role]["tokens"], splits[role]["tags"])]
+            bad = [i for i, (words, tags) in enumerate(rows) if words != tags]
+            if bad:
+                words, tags = rows[bad[0]]
+                raise DataError(
+                    f"The {role} split has {len(bad)} row(s) whose number of tags differs from their number of "
+                    f"words, the first at row {bad[0]} ({words} words, {tags} tags). Each word needs exactly one tag."
+                )
+            empty[role] = sum(words == 0 for words, _ in rows)
+            if empty[role]:
+                splits[role] = splits[role].filter(lambda row: len(row["tokens"]) > 0, desc="Dropping empty sentences")
+        self.tags = tag_names(splits)
+        check_scheme(self.tags)
+        splits = encode_tags(splits, self.tags)
+        self.facts = {
+            "tags": self.tags,
+            "entity_types": entity_types(self.tags),
+            "entities": {role: _count_entities(split["tags"], self.tags) for role, split in splits.items()},
+        }
+        if any(empty.values()):
+            self.facts["empty_sentences_dropped"] = {role: n for role, n in empty.items() if n}
+        return splits
+
+    def data_facts(self) -> dict:
+        return self.facts
+
+    # -- model ----------------------------------------------------------------------------
+    def build_model(self, source: str, revision: str | None) -> TaskModel:
+        from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+        try:
+            model_type = AutoConfig.from_pretrained(source, revision=revision).model_type
+            extra = {"add_prefix_space": True} if model_type in _PREFIX_SPACE_MODELS else {}
+            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, **extra)
+        except Exception as exc:
+            raise FinetuneError(f"model.name: could not load a tokenizer from '{source}': {type(exc).__name__}: {exc}") from None
+        if not self.tokenizer.is_fast:
+            raise FinetuneError(
+                f"model.name: the tokenizer of '{source}' is a slow (Python) tokenizer. token-classification "
+                "needs a fast tokenizer (tokenizer.json) to know which sub-words belong to which word."
+            )
+        return classifier_task_model(AutoModelForTokenClassification, source, revision, self.tags, "TOKEN_CLS")
+
+    def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
+        from transformers import DataCollatorForTokenClassification
+
+        tokenizer, max_length = self.tokenizer, self.options.max_length
+
+        def tokenize(batch):
+            encoded = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
+            encoded["labels"] = [_first_subword_labels(encoded.word_ids(i), tags) for i, tags in enumerate(batch["tags"])]
+            return encoded
+
+        self._collator = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORED)
+        processed = splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="Tokenizing")
+        cut = {role: sum(map(len, splits[role]["tags"])) - sum(sum(l != IGNORED for l in row) for row in processed[role]["labels"])
+               for role in processed if role != "train"}
+        if any(cut.values()):
+            self.facts["words_not_scored"] = {role: n for role, n in cut.items() if n}
+        return processed
+
+    def collate(self, examples: list[dict]) -> dict:
+        return self._collator(examples)
+
+    # -- steps ----------------------------------------------------------------------------
+    def training_step(self, model, batch: dict) -> dict:
+        return {"loss": model(**batch).loss}
+
+    def eval_step(self, model, batch: dict) -> dict:
+        out = model(**batch)
+        predicted, labels = out.logits.argmax(dim=-1).tolist(), batch["labels"].tolist()
+        names = self.tags
+        predictions, references = [], []
+        for row_predicted, row_labels in zip(predicted, labels):  # one tag per word: the first sub-words
+            scored = [(p, l) for p, l in zip(row_predicted, row_labels) if l != IGNORED]
+            predictions.append([names[p] for p, _ in scored])
+            references.append([names[l] for _, l in scored])
+        return {"loss": out.loss, "predictions": predictions, "references": references}
+
+    # -- artifacts ------------------------------------------------------------------------
+    def save(self, model, directory: Path, *, adapter: bool) -> None:
+        model.save_pretrained(directory)  # a PEFT adapter (with the classifier) or a full model
+        self.tokenizer.save_pretrained(directory)
+
+    def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
+        facts = run.summary.get("data", {}).get("task", {})
+        types = facts.get("entity_types", [])
+        return CardInfo(
+            pipeline_tag="token-classification",
+            library_name="peft" if artifact.adapter else "transformers",
+            usage=card.usage(artifact, facts.get("tags", [])),
+            description=f"tags named entities of {len(types)} types ({', '.join(types)}) in text, word by word",
+            tags=["ner"],
+            sections=card.sections(run),
+            limitations=card.limitations(facts),
+        )
+
+
+def _first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(tags[word] if word is not None and word != previous else IGNORED)
+        previous = word
+    return labels
+
+
+def _count_entities(rows: list[list[int]], names: list[str]) -> dict[str, int]:
+    """Entities per type, read from the tags as the entity scores read them (seqeval)."""
+    from collections import Counter
+
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return dict(sorted(Counter(kind for kind, _, _ in get_entities([[names[i] for i in row] for row in rows])).items()))
