@@ -81,11 +81,7 @@ class TokenClassification:
         self.tags = tag_names(splits)
         check_scheme(self.tags)
         splits = encode_tags(splits, self.tags)
-        self.facts = {
-            "tags": self.tags,
-            "entity_types": entity_types(self.tags),
-            "entities": {role: _count_entities(split["tags"], self.tags) for role, split in splits.items()},
-        }
+        self.facts = {"tags": self.tags, "entity_types": entity_types(self.tags)}
         if any(empty.values()):
             self.facts["empty_sentences_dropped"] = {role: n for role, n in empty.items() if n}
         return splits
@@ -121,6 +117,8 @@ class TokenClassification:
             return encoded
 
         self._collator = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORED)
+        # Counted here, on the final splits (an eval split may have been carved from train since prepare_data).
+        self.facts["entities"] = {role: _count_entities(split["tags"], self.tags) for role, split in splits.items()}
         processed = splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="Tokenizing")
         cut = {role: sum(map(len, splits[role]["tags"])) - sum(sum(l != IGNORED for l in row) for row in processed[role]["labels"])
                for role in processed if role != "train"}

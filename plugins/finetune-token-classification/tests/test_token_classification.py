@@ -42,6 +42,18 @@ def test_tag_names_come_from_the_hub_style_classlabel(runs):
     assert [config["id2label"][str(i)] for i in range(len(CONLL_TAGS))] == CONLL_TAGS
 
 
+def test_entities_are_counted_per_final_split(runs):
+    from collections import Counter
+
+    facts = json.loads((runs["full"].run_dir / "metrics.json").read_text())["data"]
+    counted = facts["task"]["entities"]
+    begun = Counter(tag[2:] for row in sentences(32, "test", seed=4) for tag in row["tags"] if tag.startswith("B-"))
+    assert counted["test"] == dict(sorted(begun.items()))
+    # the eval split was carved from train after the data was read: both are counted as they ended up
+    assert sum(counted["train"].values()) + sum(counted["eval"].values()) == sum(
+        tag.startswith("B-") for row in sentences(96, "train", seed=3) for tag in row["tags"])
+
+
 def test_each_word_is_labelled_on_its_first_subword_only(tiny_bert):
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
