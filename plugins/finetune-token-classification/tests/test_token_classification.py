@@ -130,6 +130,23 @@ def test_saved_models_reload_and_tag_as_the_run_did(runs, conll_style_data):
     assert torch.allclose(tag(merged, tokenizer)[1], adapter_logits, atol=1e-5)
 
 
+def test_two_processes_gather_every_sentences_tags_once_in_order(tiny_bert, conll_style_data, tmp_path):
+    """Tag lists of different lengths are gathered across processes as objects: one per sentence, in order."""
+    recipe = ner_recipe(tiny_bert, conll_style_data, tmp_path / "run", task={"options": {"max_length": 64}},
+                        train={"max_steps": 2, "eval_batch_size": 5})
+    path = testing.write_recipe(tmp_path / "r.yaml", recipe)
+    out = subprocess.run([sys.executable, "-m", "finetune", "run", str(path), "--processes", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["environment"]["processes"] == 2
+    assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    saved = json.loads((tmp_path / "run" / "predictions.json").read_text())["test"]
+    words = [len(row["tokens"]) for row in sentences(32, "test", seed=4)]
+    assert [len(tags) for tags in saved["predictions"]] == words  # 32 sentences over batches of 5: a ragged end
+    assert [len(tags) for tags in saved["references"]] == words
+
+
 def test_card_has_the_entity_table_and_the_metadata(runs):
     card = (runs["lora"].run_dir / "README.md").read_text()
     assert "library_name: peft" in card and "pipeline_tag: token-classification" in card
