@@ -238,3 +238,11 @@ def test_uses_only_finetunes_public_api():
             elif isinstance(node, ast.Import):
                 used |= {alias.name for alias in node.names if alias.name.split(".")[0] == "finetune"}
     assert used and used <= set(PUBLIC_MODULES), used - set(PUBLIC_MODULES)
+
+
+def test_every_option_is_documented_in_the_readme():
+    from finetune_token_classification.task import TokenClassificationOptions
+
+    readme = (PLUGIN / "README.md").read_text()
+    for name, field in TokenClassificationOptions.model_fields.items():
+        assert f"| `{name}` | {field.default} | {field.description} |" in readme, name
