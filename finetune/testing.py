@@ -100,6 +100,25 @@ def tiny_text_model(directory: Path, model_type: str = "distilbert", seed: int =
     return directory
 
 
+def write_distribution(site: Path, name: str, version: str, entry_points: dict[str, dict[str, str]],
+                       files: dict[str, str] | None = None) -> Path:
+    """An installed distribution without pip, to test how plugins are found and reported: a
+    dist-info folder with `entry_points` ({group: {name: target}}) and source `files` ({relative
+    path: text}) in `site`. Put `site` on sys.path or PYTHONPATH to install it."""
+    site = Path(site)
+    for relative, text in (files or {}).items():
+        (site / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / relative).write_text(text)
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{key} = {target}\n" for key, target in targets.items())
+        for group, targets in entry_points.items()
+    ))
+    return site
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

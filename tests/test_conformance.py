@@ -48,19 +48,15 @@ class Half:
 @pytest.fixture
 def defective_site(tmp_path, monkeypatch):
     """An installed distribution whose task plugins each have one kind of defect."""
-    site = tmp_path / "site"
-    (site / "defective_pkg").mkdir(parents=True)
-    (site / "defective_pkg" / "__init__.py").write_text("")
-    (site / "defective_pkg" / "tasks.py").write_text(DEFECTIVE)
-    info = site / "defective_plugins-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: defective-plugins\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text(
-        "[finetune.tasks]\n"
-        "sloppy = defective_pkg.tasks:Sloppy\n"
-        "crashing-collate = defective_pkg.tasks:CrashingCollate\n"
-        "silent-eval = defective_pkg.tasks:SilentEval\n"
-        "half = defective_pkg.tasks:Half\n"
+    site = testing.write_distribution(
+        tmp_path / "site", "defective-plugins", "0.3",
+        {"finetune.tasks": {
+            "sloppy": "defective_pkg.tasks:Sloppy",
+            "crashing-collate": "defective_pkg.tasks:CrashingCollate",
+            "silent-eval": "defective_pkg.tasks:SilentEval",
+            "half": "defective_pkg.tasks:Half",
+        }},
+        {"defective_pkg/__init__.py": "", "defective_pkg/tasks.py": DEFECTIVE},
     )
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()

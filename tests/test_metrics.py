@@ -62,11 +62,11 @@ def test_unknown_metric_without_the_hub():
 def test_a_metric_plugin_naming_no_module_is_reported(tmp_path, monkeypatch):
     from finetune import plugins
 
-    info = tmp_path / "lost_metric-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lost-metric\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[finetune.metrics]\nlost = lost_metric.scores\nobject = finetune.metrics.f1:F1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    from finetune import testing
+
+    site = testing.write_distribution(tmp_path, "lost-metric", "1.0",
+                                      {"finetune.metrics": {"lost": "lost_metric.scores", "object": "finetune.metrics.f1:F1"}})
+    monkeypatch.syspath_prepend(str(site))
     with pytest.raises(FinetuneError, match=r"^eval.metrics: the metric 'lost' from the distribution 'lost-metric 1.0' "
                                             r"\(lost_metric.scores\) cannot be used: .*lost_metric"):
         Metrics(["lost"])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune import testing
+
 REPO = Path(__file__).resolve().parent.parent
 
 HALF_TASK = '''
@@ -28,23 +30,17 @@ def make_task():
 @pytest.fixture
 def broken_site(tmp_path) -> Path:
     """An installed distribution with four broken task plugins (a dist-info folder on the path)."""
-    site = tmp_path / "site"
-    package = site / "broken_pkg"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "half.py").write_text(HALF_TASK)
-    (package / "crash.py").write_text("raise ImportError(\"No module named 'some_missing_dependency'\")\n")
-    info = site / "broken_plugins-1.2.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 1.2\n")
-    (info / "entry_points.txt").write_text(
-        "[finetune.tasks]\n"
-        "half-task = broken_pkg.half:HalfTask\n"
-        "crashing-task = broken_pkg.crash:Task\n"
-        "function-task = broken_pkg.half:make_task\n"
-        "missing-target = broken_pkg.half:NoSuchClass\n"
+    return testing.write_distribution(
+        tmp_path / "site", "broken-plugins", "1.2",
+        {"finetune.tasks": {
+            "half-task": "broken_pkg.half:HalfTask",
+            "crashing-task": "broken_pkg.crash:Task",
+            "function-task": "broken_pkg.half:make_task",
+            "missing-target": "broken_pkg.half:NoSuchClass",
+        }},
+        {"broken_pkg/__init__.py": "", "broken_pkg/half.py": HALF_TASK,
+         "broken_pkg/crash.py": "raise ImportError(\"No module named 'some_missing_dependency'\")\n"},
     )
-    return site
 
 
 def finetune_cli(*args, site: Path | None = None) -> subprocess.CompletedProcess:
