@@ -179,6 +179,7 @@ PUBLIC_MODULES = (
     "finetune.errors",  # DataError, FinetuneError: shown to the user as one clean message
     "finetune.testing",  # tiny models and data, run_recipe, check_conformance
     "finetune.evaluation",  # Metrics: load and compute metrics by name, as a run does
+    "finetune.columns",  # require_columns: a missing column named, with the data.columns fix
     "finetune.labels",  # encode_labels: a label column to a checked ClassLabel
     "finetune.images",  # open_image, check_images
     "finetune.reports",  # classification_sections: per-class table and confusion matrix for a card

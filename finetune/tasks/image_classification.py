@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
-from finetune.errors import DataError, FinetuneError
+from finetune.columns import require_columns
+from finetune.errors import FinetuneError
 from finetune.images import check_images, open_image
 from finetune.labels import encode_labels
 from finetune.methods.common import is_head
@@ -71,18 +72,10 @@ class ImageClassification:
 
     # -- data -----------------------------------------------------------------------------
     def prepare_data(self, splits: DatasetDict) -> DatasetDict:
-        for role, split in splits.items():
-            for column in ("image", "label"):
-                if column not in split.column_names:
-                    hint = (
-                        " An image folder gets its labels from the names of its sub-folders, one per class; with "
-                        "a single class sub-folder (or none) there are no labels, and a classifier needs at least two."
-                        if column == "label" and "image" in split.column_names else ""
-                    )
-                    raise DataError(
-                        f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
-                        f"Map yours with data.columns, e.g. data.columns: {{your_column: {column}}}.{hint}"
-                    )
+        # "label" is checked after "image", so a missing label in an image folder means too few class folders.
+        require_columns(splits, ("image", "label"), hints={"label": (
+            "An image folder gets its labels from the names of its sub-folders, one per class; with "
+            "a single class sub-folder (or none) there are no labels, and a classifier needs at least two.")})
         splits, self.labels, unlabelled = encode_labels(splits, "label")
         splits, skipped = check_images(splits, "image", skip=self.options.skip_unreadable_images)
         self.facts = {

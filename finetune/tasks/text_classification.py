@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.columns import require_columns
 from finetune.errors import DataError, FinetuneError
 from finetune.labels import encode_labels
 from finetune.reports import classification_sections
@@ -44,13 +45,7 @@ class TextClassification:
 
     # -- data -----------------------------------------------------------------------------
     def prepare_data(self, splits: DatasetDict) -> DatasetDict:
-        for role, split in splits.items():
-            for column in ("text", "label"):
-                if column not in split.column_names:
-                    raise DataError(
-                        f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
-                        f"Map yours with data.columns, e.g. data.columns: {{your_column: {column}}}."
-                    )
+        require_columns(splits, ("text", "label"))
         for role, split in splits.items():
             for column in [c for c in ("text", "text_pair", "label") if c in split.column_names]:
                 empty = sum(v is None for v in split[column])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.columns import require_columns
 from finetune.errors import DataError, FinetuneError
 from finetune.transformers_models import classifier_task_model
 from finetune_token_classification import card
@@ -53,13 +54,8 @@ class TokenClassification:
 
     # -- data -----------------------------------------------------------------------------
     def prepare_data(self, splits: DatasetDict) -> DatasetDict:
+        require_columns(splits, ("tokens", "tags"), example="{ner_tags: tags}")
         for role, split in splits.items():
-            for column in ("tokens", "tags"):
-                if column not in split.column_names:
-                    raise DataError(
-                        f"The {role} split has no '{column}' column (its columns: {split.column_names}). "
-                        f"Map yours with data.columns, e.g. data.columns: {{ner_tags: tags}}."
-                    )
             if not hasattr(split.features["tokens"], "feature"):
                 raise DataError(
                     f"The {role} split's 'tokens' column holds {split.features['tokens']}, not lists of words. "
