@@ -134,7 +134,8 @@ def _short_run(recipe: dict, workdir: Path, method: str, method_cls, max_steps: 
     if method == "feature-extraction" and summary.parameters["trainable"] >= summary.parameters["total"]:
         problems.append("every parameter was trained: TaskModel.head must name only the new modules")
     if run_usage:
-        problems += _usage_problems(read_run(summary.run_dir), local_artifacts(read_run(summary.run_dir)))
+        finished = read_run(summary.run_dir)
+        problems += _usage_problems(finished, local_artifacts(finished))
     return summary, problems
 
 

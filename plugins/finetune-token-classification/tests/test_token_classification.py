@@ -165,15 +165,15 @@ def test_entity_scores_are_seqeval_numbers():
 
 
 @pytest.mark.parametrize(
-    "rows, columns, message",
+    "rows, message",
     [
-        ([{"words": ["a"], "tags": ["O"]}], None, "The train split has no 'tokens' column"),
-        ([{"tokens": "alice flew", "tags": ["B-PER", "O"]}], None, "'tokens' column holds Value('string'), not lists of words"),
-        ([{"tokens": ["alice", "flew"], "tags": ["B-PER"]}], None, "1 row(s) whose number of tags differs from their number of words, the first at row 0 (2 words, 1 tags)"),
-        ([{"tokens": ["alice", "flew"], "tags": ["PER", "O"]}], None, "The tags ['PER'] are not IOB2 tags"),
+        ([{"words": ["a"], "tags": ["O"]}], "The train split has no 'tokens' column"),
+        ([{"tokens": "alice flew", "tags": ["B-PER", "O"]}], "'tokens' column holds Value('string'), not lists of words"),
+        ([{"tokens": ["alice", "flew"], "tags": ["B-PER"]}], "1 row(s) whose number of tags differs from their number of words, the first at row 0 (2 words, 1 tags)"),
+        ([{"tokens": ["alice", "flew"], "tags": ["PER", "O"]}], "The tags ['PER'] are not IOB2 tags"),
     ],
 )
-def test_bad_data_is_named(rows, columns, message):
+def test_bad_data_is_named(rows, message):
     from datasets import Dataset, DatasetDict
 
     from finetune_token_classification.task import TokenClassification, TokenClassificationOptions
