@@ -14,7 +14,7 @@ A plugin is a class, registered under an entry point (a metric is an `evaluate` 
 The core creates one instance per run, passing the plugin's validated `Options`, and calls
 the members below in this order. A task knows its data, its model and its loss; a method
 knows how to make a model trainable. Neither knows the other's internals: a method sees a
-`TaskModel`, which names the head modules and the default LoRA targets.
+`TaskModel`, which names the head modules, the frozen ones and the default LoRA targets.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class TaskModel:
     """Qualified names of the modules that are new for this task (a classifier): always trained and saved."""
     lora_targets: list[str]
     """Default module names for LoRA when the recipe names none."""
+    frozen: list[str] = field(default_factory=list)
+    """Qualified names of pretrained modules that no method may train or adapt (a diffusion
+    pipeline's VAE and text encoder): kept frozen, in eval mode and out of the optimizer."""
     peft_task_type: str | None = None
     """peft TaskType (e.g. SEQ_CLS) so that peft's Auto classes can reload the adapter."""
     hub_id: str | None = None
@@ -103,6 +106,11 @@ class RunRecord:
     def images_dir(self) -> Path:
         return self.root / "images"
 
+    @property
+    def samples_dir(self) -> Path:
+        """What `Task.write_samples` wrote (a generator's images for fixed prompts)."""
+        return self.root / "samples"
+
 
 @runtime_checkable
 class Task(Protocol):
@@ -143,6 +151,11 @@ class Task(Protocol):
         `references`, and `scores` (per-class logits) for metrics that rank classes, such as top-5 accuracy.
         Each is a tensor with one row per example, or a list with one entry per example of any
         length (a sentence's tags), gathered as Python objects; predictions.json stores them as given."""
+
+    def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
+        """Optional. Generate from the trained `model` what a reader should see of it (a text-to-image
+        model's images for the recipe's prompts, with fixed seeds) into `directory` (the run's samples/),
+        for the card. Called once, on the main process, after the final evaluation."""
 
     def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
         """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
@@ -188,12 +201,17 @@ PUBLIC_MODULES = (
 """The modules a plugin may import. The rest of finetune is internal and may change."""
 
 _CONTRACTS = {"task": Task, "method": Method}
-OPTIONAL = {"task": ("data_facts",), "method": ("parameter_groups",)}
+OPTIONAL = {"task": ("data_facts", "write_samples"), "method": ("parameter_groups",)}
 """Members a plugin may leave out; the core then does what their docstrings call the default."""
 
 
 def data_facts_of(task) -> dict:
     return task.data_facts() if hasattr(task, "data_facts") else {}
+
+
+def write_samples_of(task, model, directory: Path) -> None:
+    if hasattr(task, "write_samples"):
+        task.write_samples(model, directory)
 
 
 def parameter_groups_of(method, model) -> list[dict]:

@@ -7,12 +7,13 @@ before the run directory is touched.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import plugins
-from finetune.api import data_facts_of
+from finetune.api import data_facts_of, write_samples_of
 from finetune.recipe import Recipe
 from finetune.rundir import RunLayout, replace_dir, write_json
 
@@ -95,6 +96,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         summary["base_model"] = base_model_facts(recipe, source, task_model.hub_id)
         summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=data_facts_of(task))
         summary["environment"] = environment_facts(accelerator)
+        _write_samples(task, unwrapped, layout)
         _save_model(task, method, unwrapped, layout, recipe.writes_merged)
         write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
         write_json(layout.metrics, summary)
@@ -126,6 +128,18 @@ def _accelerator(recipe: Recipe):
             f"train.mixed_precision: accelerate cannot use '{recipe.train.mixed_precision}' here ({exc}). "
             "fp16 needs a GPU; use bf16 or no."
         ) from None
+
+
+def _write_samples(task, model, layout: RunLayout) -> None:
+    """Into a temporary folder, moved into place once complete, and only when the task wrote anything."""
+    tmp = layout.root / ".samples.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed run left
+    tmp.mkdir()
+    write_samples_of(task, model, tmp)
+    if any(tmp.iterdir()):
+        replace_dir(tmp, layout.samples)
+    else:
+        tmp.rmdir()
 
 
 def _save_model(task, method, model, layout: RunLayout, merged: bool) -> None:

@@ -10,6 +10,7 @@
       predictions.json   final predictions and references per split
       README.md          the model card
       images/            the card's pictures (training curves, confusion matrix ...)
+      samples/           what a generator made for the recipe's prompts (text-to-image), for the card
 
 Nothing is written until the recipe, plugins and data have been checked: bad input leaves an
 existing run directory as it was.
@@ -40,6 +41,7 @@ class RunLayout:
         self.predictions = root / "predictions.json"
         self.card = root / "README.md"
         self.images = root / "images"
+        self.samples = root / "samples"
 
     def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 
 
@@ -19,3 +20,18 @@ def keep_in_eval(module) -> None:
 
     module.train = types.MethodType(train, module)
     module.eval()
+
+
+def freeze(model, frozen: list[str]) -> None:
+    """Take the modules the task marks as frozen (TaskModel.frozen) out of training entirely."""
+    for name in frozen:
+        module = model.get_submodule(name)
+        module.requires_grad_(False)
+        keep_in_eval(module)
+
+
+def frozen_pattern(frozen: list[str]) -> str | None:
+    """A regex matching every module inside the frozen ones, for peft's `exclude_modules`."""
+    if not frozen:
+        return None
+    return rf"({'|'.join(map(re.escape, frozen))})(\..*)?"

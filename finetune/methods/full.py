@@ -1,12 +1,13 @@
-"""Full fine-tuning: every weight of the backbone and head is trained, the backbone optionally
-with a smaller learning rate (pretrained weights need smaller steps than a new head)."""
+"""Full fine-tuning: every weight of the backbone and head is trained (except the modules the
+task marks frozen), the backbone optionally with a smaller learning rate (pretrained weights need
+smaller steps than a new head)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
-from finetune.methods.common import is_head
+from finetune.methods.common import freeze, is_head
 
 
 class FullOptions(BaseModel):
@@ -27,13 +28,15 @@ class Full:
     def prepare(self, task_model: TaskModel):
         self.head = list(task_model.head)
         task_model.model.requires_grad_(True)
+        freeze(task_model.model, task_model.frozen)
         return task_model.model
 
     def parameter_groups(self, model):
+        trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         if self.options.backbone_lr is None:
-            return [{"params": list(model.parameters())}]
+            return [{"params": [param for _, param in trained]}]
         head, backbone = [], []
-        for name, param in model.named_parameters():
+        for name, param in trained:
             (head if is_head(name, self.head) else backbone).append(param)
         return [{"params": head}, {"params": backbone, "lr": self.options.backbone_lr}]
 

@@ -4,7 +4,8 @@ The head is always in `modules_to_save`: without it a freshly initialised head w
 frozen and would not be saved, and the reloaded model would predict something else. For the
 same reason the backbone's batch-norm layers are held in eval mode: their running statistics
 are not part of the adapter, so letting them move would make the reloaded adapter predict
-differently from the trained one.
+differently from the trained one. Modules the task marks frozen (a diffusion pipeline's VAE)
+get no adapter even when a target name matches inside them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
 from finetune.errors import FinetuneError
-from finetune.methods.common import is_head, keep_in_eval
+from finetune.methods.common import freeze, frozen_pattern, is_head, keep_in_eval
 
 
 class LoraOptions(BaseModel):
@@ -47,9 +48,11 @@ class Lora:
             lora_alpha=self.options.alpha,
             lora_dropout=self.options.dropout,
             target_modules=list(targets),
-            modules_to_save=list(task_model.head),  # peft mutates this list: give it a copy
+            modules_to_save=list(task_model.head) or None,  # peft mutates this list: give it a copy
+            exclude_modules=frozen_pattern(task_model.frozen),
             task_type=task_model.peft_task_type,
         )
+        freeze(task_model.model, task_model.frozen)
         for name, module in task_model.model.named_modules():
             if getattr(module, "track_running_stats", False) and not is_head(name, task_model.head):
                 keep_in_eval(module)
