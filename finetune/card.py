@@ -18,7 +18,7 @@ from finetune.rundir import RunLayout, read_run, write_atomic
 METHOD_TITLES = {
     "full": "a full fine-tune",
     "feature-extraction": "a trained head on the frozen features",
-    "lora": "a LoRA adapter (with a trained head)",
+    "lora": "a LoRA adapter",
 }
 CURVES = "training-curves.png"
 SMALL_SPLIT = 100  # fewer evaluation examples than this: the card warns how uncertain the metrics are
@@ -183,8 +183,8 @@ def limitations(run: RunRecord) -> list[str]:
     base = summary.get("base_model", {})
     if produces_adapter(run) and base.get("origin", "hub") != "hub":
         notes.append(
-            f"The base model was loaded from a local folder ({base['name']}), and the adapter names that path as "
-            "its base (`base_model_name_or_path` in adapter_config.json): elsewhere, point it at the same weights."
+            f"The base model was loaded from a local folder ({base['name']}), and the adapter refers to its base by "
+            "that path (peft's adapter_config.json, the usage snippet): elsewhere, point it at the same weights."
         )
     stop = recipe.eval.early_stopping
     if summary["stopped_early"] and stop is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import DataError
@@ -103,3 +104,15 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):  # its message repeats the path, or a BytesIO repr
         return "not an image file PIL can read"
     return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def skipped_images_note(run) -> list[str]:
+    """The card's Limitations note on images `check_images` skipped (a task records them in data_facts
+    as `unreadable_images_skipped`); [] when none were."""
+    skipped = run.summary.get("data", {}).get("task", {}).get("unreadable_images_skipped")
+    if not skipped:
+        return []
+    files = [name for names in skipped.values() for name in names]
+    counts = ", ".join(f"{role}: {len(names)}" for role, names in skipped.items())
+    shown = ", ".join(f"`{Path(name).name}`" for name in files[:5]) + (" ..." if len(files) > 5 else "")
+    return [f"{len(files)} unreadable images were skipped ({counts}): {shown}. The split sizes above do not count them."]

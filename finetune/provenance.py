@@ -22,12 +22,13 @@ VERSIONED = ("finetune", "torch", "transformers", "peft", "accelerate", "dataset
 
 def base_model_facts(recipe: Recipe, source: str, hub_id: str | None = None) -> dict:
     """The base model as the card names it: a Hub id when it came from the Hub (the task's reading of
-    model.name when it has one, see TaskModel.hub_id), and its license when known."""
+    model.name when it has one, see TaskModel.hub_id), where it was loaded from, and its license when known."""
     local = Path(source).is_dir()
     hub_id = None if local else hub_id or source
     return {
         "name": recipe.model.name,
         "hub_id": hub_id,
+        "location": str(Path(source).resolve()) if local else hub_id,  # what a loader takes (a card's snippet)
         "origin": "package" if recipe.model.name.startswith(PACKAGE_PREFIX) else "local" if local else "hub",
         "license": _license(source if local else hub_id, recipe.model.revision, local),
     }

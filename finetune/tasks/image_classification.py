@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import FinetuneError
-from finetune.images import check_images, open_image
+from finetune.images import check_images, open_image, skipped_images_note
 from finetune.labels import encode_labels
 from finetune.methods.common import is_head
 from finetune.reports import classification_sections
@@ -176,7 +176,7 @@ class ImageClassification:
             description=f"classifies images into {len(labels)} classes: {', '.join(labels)}",
             tags=["image-classification", "timm", *(["peft", "lora"] if artifact.adapter else [])],
             sections=classification_sections(run),
-            limitations=_skipped_note(run),
+            limitations=skipped_images_note(run),
         )
 
 
@@ -278,13 +278,3 @@ with torch.no_grad():
     probabilities = model(transform(image).unsqueeze(0)).softmax(-1)[0]
 print(labels[probabilities.argmax()], f"{{probabilities.max():.3f}}")
 """
-
-
-def _skipped_note(run: RunRecord) -> list[str]:
-    skipped = run.summary.get("data", {}).get("task", {}).get("unreadable_images_skipped")
-    if not skipped:
-        return []
-    files = [name for names in skipped.values() for name in names]
-    counts = ", ".join(f"{role}: {len(names)}" for role, names in skipped.items())
-    shown = ", ".join(f"`{Path(name).name}`" for name in files[:5]) + (" ..." if len(files) > 5 else "")
-    return [f"{len(files)} unreadable images were skipped ({counts}): {shown}. The split sizes above do not count them."]
