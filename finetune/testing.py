@@ -213,3 +213,90 @@ def _with_sections(recipe: dict, sections: dict) -> dict:
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+# -- text to image --------------------------------------------------------------------------
+def captioned_images(n: int, seed: int = 0, size: int = 32) -> list[tuple]:
+    """(PIL image, caption) pairs: noisy pictures of one colour, captioned with its name."""
+    return [(image, f"a {label} square") for image, label in color_images(n, seed=seed, size=size)]
+
+
+def write_captioned_folder(root: Path, pairs: list[tuple], metadata: str = "metadata.jsonl") -> Path:
+    """An imagefolder dataset with captions: root/<n>.png and a metadata.jsonl (or .csv) with
+    `file_name` and `text` per image, as `datasets`' imagefolder reads them."""
+    import csv
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, caption) in enumerate(pairs):
+        image.save(root / f"{i:04d}.png")
+        rows.append({"file_name": f"{i:04d}.png", "text": caption})
+    if metadata.endswith(".csv"):
+        with open(root / metadata, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        write_jsonl(root / metadata, rows)
+    return root
+
+
+def tiny_stable_diffusion(directory: Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A randomly initialised Stable Diffusion pipeline (UNet ~1M parameters, a 2-block VAE, a
+    2-layer CLIP text encoder with a BPE tokenizer trained on the captions' words), written with
+    `save_pretrained`. Draws 32×32 images in a fraction of a second on a CPU."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    bpe = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
+    words = ["a", "photo", "of", "square", "on", "white", *COLORS]
+    bpe.train_from_iterator([" ".join(words)] * 4, trainers.BpeTrainer(vocab_size=100, special_tokens=[bos, eos], end_of_word_suffix="</w>"))
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, bpe.token_to_id(bos)), (eos, bpe.token_to_id(eos))]
+    )
+    tokenizer = CLIPTokenizer(tokenizer_object=bpe, bos_token=bos, eos_token=eos, unk_token=eos, pad_token=eos, model_max_length=16)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              clip_sample=False, prediction_type=prediction_type)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+def text_to_image_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str = "lora", **sections) -> dict:
+    """A recipe for a quick text-to-image run on a captioned image folder, with two validation prompts."""
+    recipe = {
+        "name": f"tiny-sd-{method_name}",
+        "task": {"name": "text-to-image", "options": {
+            "resolution": 16, "eval_timesteps": [100, 500, 900], "validation_prompts": ["a red square", "a blue square"],
+            "sample_seeds": [0, 1], "sample_steps": 2}},
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data_dir), "eval_fraction": 0.25},
+        "method": {"name": method_name},
+        "train": {"max_steps": 4, "batch_size": 4, "eval_batch_size": 4, "lr": 1e-3, "log_every_steps": 2, "seed": 7},
+        "output": {"dir": str(run_dir)},
+    }
+    return _with_sections(recipe, sections)

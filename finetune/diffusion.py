@@ -1,0 +1,108 @@
+"""The trainable side of a Stable Diffusion pipeline, as one module the core can train.
+
+`DiffusionModel` holds the UNet, the VAE and the text encoder, and its forward pass *is* the
+loss: encode images to latents, noise them at a timestep, predict with the UNet, compare with
+the scheduler's target (the noise for epsilon-prediction, the velocity for v-prediction).
+Keeping the whole objective inside `forward` is what lets accelerate's DDP wrapper, autocast
+and a peft wrapper around this module all see one ordinary forward call.
+
+This module imports torch and diffusers; the task imports it only when it builds a model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class DiffusionModel(torch.nn.Module):
+    def __init__(self, unet, vae, text_encoder, noise_scheduler, snr_gamma: float | None = None):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.noise_scheduler = noise_scheduler  # DDPM: the forward (noising) process of training
+        self.snr_gamma = snr_gamma
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def forward(self, input_ids, pixel_values=None, latent_parameters=None, noise_seed=None, timesteps=None):
+        """Per-example loss. Training (no `noise_seed`): a random timestep and noise per example and
+        a sampled latent, Min-SNR weighted when `snr_gamma` is set. Evaluation: the latent's mean,
+        noise drawn from each example's own `noise_seed`, the plain MSE averaged over the fixed
+        `timesteps`, so that two runs (or two checkpoints) are measured on exactly the same problem."""
+        fixed = noise_seed is not None
+        with torch.no_grad():
+            if latent_parameters is None:
+                latent_parameters = self.vae.encode(pixel_values).latent_dist.parameters
+            distribution = DiagonalGaussianDistribution(latent_parameters)
+            latents = (distribution.mode() if fixed else distribution.sample()) * self.vae.config.scaling_factor
+        hidden = self.text_encoder(input_ids, return_dict=False)[0]  # grads only when the encoder trains
+        if not fixed:
+            noise = torch.randn_like(latents)
+            steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+            return self._loss(latents, noise, steps, hidden, weighted=True)
+        noise = torch.stack(
+            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(seed))) for seed in noise_seed]
+        ).to(latents)
+        losses = [
+            self._loss(latents, noise, torch.full((len(latents),), step, device=latents.device), hidden, weighted=False)
+            for step in timesteps
+        ]
+        return torch.stack(losses).mean(dim=0)
+
+    def _loss(self, latents, noise, steps, hidden, *, weighted: bool):
+        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        prediction = self.unet(noisy, steps, hidden, return_dict=False)[0]
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, steps)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if weighted and self.snr_gamma is not None:
+            loss = loss * min_snr_weights(self.noise_scheduler, steps, self.snr_gamma, self.prediction_type)
+        return loss
+
+
+def min_snr_weights(noise_scheduler, steps, gamma: float, prediction_type: str):
+    """Min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556): min(SNR, γ) / SNR for epsilon
+    targets, min(SNR, γ) / (SNR + 1) for velocity targets, as in diffusers' training scripts."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, steps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_model_of(model) -> DiffusionModel:
+    """The DiffusionModel inside whatever a method made of it (a peft wrapper, or itself)."""
+    while not isinstance(model, DiffusionModel):
+        if not hasattr(model, "get_base_model"):
+            raise TypeError(f"expected a DiffusionModel or a peft model around one, got {type(model).__name__}")
+        model = model.get_base_model()
+    return model
+
+
+def lora_layers(peft_model) -> dict[str, tuple[dict, dict]]:
+    """The adapter of a peft model around a DiffusionModel, per pipeline component (unet,
+    text_encoder): (state dict in diffusers' LoRA format, the LoRA config as adapter metadata)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    config = peft_model.peft_config[peft_model.active_adapter]
+    metadata = {
+        **config.to_dict(),
+        "exclude_modules": None,  # names the frozen components, which a per-component load never sees
+        # load_lora_weights leaves the new LoRA layers in training mode: a dropout recorded here would
+        # stay active at inference and make every image differ from the run's samples.
+        "lora_dropout": 0.0,
+        "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules,
+    }
+    components: dict[str, dict] = {}
+    for key, value in get_peft_model_state_dict(peft_model).items():
+        component, _, name = key.removeprefix("base_model.model.").partition(".")
+        components.setdefault(component, {})[name] = value.detach().cpu().contiguous()
+    return {component: (convert_state_dict_to_diffusers(state), metadata) for component, state in components.items()}
