@@ -117,6 +117,7 @@ def test_readme_documents_every_recipe_key():
     from finetune.recipe_errors import _model_in
     from finetune.tasks.image_classification import ImageClassificationOptions
     from finetune.tasks.text_classification import TextClassificationOptions
+    from finetune.tasks.text_to_image import TextToImageOptions
 
     def keys(model, prefix):
         for name, field in model.model_fields.items():
@@ -133,6 +134,7 @@ def test_readme_documents_every_recipe_key():
         *keys(Recipe, ""),
         *keys(TextClassificationOptions, "task.options."),
         *keys(ImageClassificationOptions, "task.options."),
+        *keys(TextToImageOptions, "task.options."),
         *keys(LoraOptions, "method.options."),
         *keys(FullOptions, "method.options."),
     ]
