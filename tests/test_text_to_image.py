@@ -345,3 +345,47 @@ def test_named_lora_targets_never_reach_the_frozen_vae(sd_dir, captions_dir, tmp
     adapted = {k.rsplit(".lora", 1)[0] for k in weights}
     assert adapted and all(k.startswith("unet.") and k.endswith("to_q") for k in adapted)
     assert len(adapted) == 8  # 4 transformer blocks × 2 attentions
+
+
+def test_two_processes_train_in_step_and_write_the_samples_once(sd_dir, captions_dir, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = testing.text_to_image_recipe(sd_dir, captions_dir, tmp_path / "run", "lora")
+    path = testing.write_recipe(tmp_path / "r.yaml", recipe)
+    out = subprocess.run([sys.executable, "-m", "finetune", "run", str(path), "--processes", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["environment"]["processes"] == 2
+    assert summary["rank_checksums"][0] == summary["rank_checksums"][1]  # DDP synchronised the LoRA gradients
+    assert math.isfinite(summary["metrics"]["eval"]["loss"])
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "00-seed0.png", "00-seed1.png", "01-seed0.png", "01-seed1.png", "samples.json"]
+
+
+def test_pushed_card_loads_the_merged_pipeline_and_the_adapter_from_the_repo(lora_run, tmp_path, monkeypatch):
+    """`hub.artifacts: both`: the merged pipeline at the repo's root, the LoRA in adapter/; each of
+    the card's snippets, run against a local copy of the commit, draws the first sample."""
+    import re
+
+    from finetune.hub import PushTarget, plan_push
+
+    repo = "test-user/tiny-sd"
+    plan = plan_push(lora_run, PushTarget(repo, artifacts="both"))
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "adapter/pytorch_lora_weights.safetensors",
+            "images/samples.png"} <= set(plan.files)
+    mirror = tmp_path / "mirror"
+    for path, source in plan.files.items():
+        (mirror / path).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / path).write_bytes(source if isinstance(source, bytes) else source.read_bytes())
+    card = plan.files["README.md"].decode()
+    assert "pipeline_tag: text-to-image" in card and "library_name: diffusers" in card
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2 and f'load_lora_weights("{repo}", subfolder="adapter")' in snippets[1]
+    sample = np.asarray(Image.open(lora_run / "samples" / "00-seed0.png")).astype(int)
+    monkeypatch.chdir(tmp_path)
+    for snippet in snippets:
+        exec(snippet.replace(f'"{repo}"', f'"{mirror}"'), {})
+        drawn = np.asarray(Image.open(tmp_path / "image.png")).astype(int)
+        assert np.abs(drawn - sample).max() <= 2  # merged weights round differently from an unmerged adapter
+    assert np.array_equal(drawn, sample)  # the adapter, last, exactly
