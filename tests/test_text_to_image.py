@@ -242,6 +242,10 @@ def test_the_validation_loss_is_fixed_and_precomputed_latents_give_the_same(sd_d
         task_model = task.build_model(str(sd_dir), None)
         eval_split = task.preprocess(splits, task_model)["eval"]
         assert ("latent_parameters" in eval_split.column_names) == precompute
+        tokenizer = task.pipeline.tokenizer  # the pipeline's own, loaded from sd_dir/tokenizer
+        assert type(tokenizer).__name__ == "CLIPTokenizer"
+        expected = tokenizer(splits["eval"][0]["text"], padding="max_length", max_length=16, truncation=True).input_ids
+        assert eval_split[0]["input_ids"].tolist() == expected
         torch.manual_seed(seed)
         result = evaluate(Accelerator(cpu=True), task_model.model, task, eval_loader(eval_split, recipe, task), Metrics([]))
         losses.append(result["metrics"]["loss"])
@@ -249,14 +253,16 @@ def test_the_validation_loss_is_fixed_and_precomputed_latents_give_the_same(sd_d
     assert losses[2] == pytest.approx(losses[0], abs=1e-5)
 
 
-def test_v_prediction_with_snr_weighting_precomputed_latents_and_checkpointing(tmp_path, captions_dir):
+def test_v_prediction_with_snr_weighting_precomputed_latents_checkpointing_and_bf16(tmp_path, captions_dir):
     sd = testing.tiny_stable_diffusion(tmp_path / "sd-v", prediction_type="v_prediction")
-    recipe = testing.text_to_image_recipe(sd, captions_dir, tmp_path / "run", "lora")
+    recipe = testing.text_to_image_recipe(sd, captions_dir, tmp_path / "run", "lora", train={"mixed_precision": "bf16"})
     recipe["task"]["options"].update(snr_gamma=5.0, precompute_latents=True, gradient_checkpointing=True, validation_prompts=[])
     summary = testing.run_recipe(tmp_path / "r.yaml", recipe)
     steps = [json.loads(line) for line in (summary.run_dir / "logs" / "steps.jsonl").read_text().splitlines()]
     assert all(math.isfinite(s["loss"]) for s in steps if "loss" in s)
     assert math.isfinite(summary.metrics["eval"]["loss"])
+    weights = load_file(summary.model_dir / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}  # autocast computes in bf16; the weights stay fp32
 
 
 def test_the_text_to_image_task_conforms(sd_dir, tmp_path, monkeypatch):
