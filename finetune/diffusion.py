@@ -39,7 +39,9 @@ class DiffusionModel(torch.nn.Module):
             if latent_parameters is None:
                 latent_parameters = self.vae.encode(pixel_values).latent_dist.parameters
             distribution = DiagonalGaussianDistribution(latent_parameters)
-            latents = (distribution.mode() if fixed else distribution.sample()) * self.vae.config.scaling_factor
+            # fp32 from here to the UNet: under autocast the VAE hands back half precision, in which add_noise
+            # rounds ᾱ_t to 1 for small t (no noise at all) and the validation loss would depend on the precision.
+            latents = (distribution.mode() if fixed else distribution.sample()).float() * self.vae.config.scaling_factor
         hidden = self.text_encoder(input_ids, return_dict=False)[0]  # grads only when the encoder trains
         if not fixed:
             noise = torch.randn_like(latents)
@@ -74,7 +76,9 @@ def min_snr_weights(noise_scheduler, steps, gamma: float, prediction_type: str):
 
     snr = compute_snr(noise_scheduler, steps)
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))  # the limit at SNR 0 (zero-terminal-SNR schedules)
 
 
 def diffusion_model_of(model) -> DiffusionModel:

@@ -54,6 +54,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     set_seed(recipe.train.seed)  # the head's initialisation, dropout, data order
     task_model = task.build_model(source, recipe.model.revision)
     model = method.prepare(task_model)
+    _check_frozen(task_model, recipe.method.name)
     parameters = _count_parameters(model)
     accelerator.print(
         f"{recipe.method.name}: training {parameters['trainable']:,} of {parameters['total']:,} parameters "
@@ -68,6 +69,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 
     from finetune.training.loop import eval_loader, evaluate, train
 
+    # Each process its own random stream (noise, timesteps, dropout, augmentation): identical draws on
+    # every rank would waste the extra processes. The weights are already equal (DDP broadcasts rank 0's).
+    set_seed(recipe.train.seed, device_specific=True)
     started = time.perf_counter()
     model, state, last_eval = train(
         accelerator, model, task, method, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume
@@ -96,8 +100,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         summary["base_model"] = base_model_facts(recipe, source, task_model.hub_id)
         summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=data_facts_of(task))
         summary["environment"] = environment_facts(accelerator)
-        _write_samples(task, unwrapped, layout)
         _save_model(task, method, unwrapped, layout, recipe.writes_merged)
+        _write_samples(task, unwrapped, layout)  # after the save: a failure here loses no trained model
         write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
         write_json(layout.metrics, summary)
         write_card(layout.root)
@@ -128,6 +132,18 @@ def _accelerator(recipe: Recipe):
             f"train.mixed_precision: accelerate cannot use '{recipe.train.mixed_precision}' here ({exc}). "
             "fp16 needs a GPU; use bf16 or no."
         ) from None
+
+
+def _check_frozen(task_model, method_name: str) -> None:
+    """The task's frozen modules (TaskModel.frozen) must come out of any method untrainable."""
+    from finetune.errors import FinetuneError
+
+    trained = [name for name in task_model.frozen if any(p.requires_grad for p in task_model.model.get_submodule(name).parameters())]
+    if trained:
+        raise FinetuneError(
+            f"method.name: the method '{method_name}' left parameters of {', '.join(trained)} trainable, which the task "
+            "keeps frozen (TaskModel.frozen). The method must leave frozen modules untouched."
+        )
 
 
 def _write_samples(task, model, layout: RunLayout) -> None:

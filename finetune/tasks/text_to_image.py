@@ -139,7 +139,8 @@ class TextToImage:
         if self.options.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()
             if train_text:
-                pipeline.text_encoder.gradient_checkpointing_enable()
+                # Non-reentrant: with reentrant checkpointing the frozen encoder's LoRA layers get no gradient.
+                pipeline.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = DiffusionModel(pipeline.unet, pipeline.vae, pipeline.text_encoder, noise_scheduler, self.options.snr_gamma)
         return TaskModel(
             model=model,
@@ -285,8 +286,9 @@ def _encode_latents(split, examples: _Examples, vae, fingerprint: str):
     """Replace each image by its VAE latent distribution (mean and log-variance), cached by `datasets`:
     training samples from it at every step, exactly as it would from a freshly encoded image."""
     import torch
+    from accelerate import PartialState
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = PartialState().device  # this process's accelerator, or the CPU when the run is forced onto it
     vae.to(device)
 
     def encode(batch):
@@ -332,7 +334,8 @@ def _sample_sections(run: RunRecord) -> list[str]:
         f"![Samples: one row per prompt, one column per seed]({run.images_dir.name}/{GRID})\n\n"
         f"Drawn after training with seeds {', '.join(map(str, seeds))} (one column each), {samples['sample_steps']} steps, "
         f"guidance scale {samples['guidance_scale']}, {samples['resolution']}×{samples['resolution']}; "
-        "the usage snippet below draws the first one again.\n\n"
+        "the usage snippet below draws the first one with the same settings (on the device that trained "
+        "it, pixel for pixel; samples are drawn without a safety checker).\n\n"
         f"| row | prompt |\n|---|---|\n{rows}\n"
     ]
 
@@ -344,7 +347,8 @@ def _usage(run: RunRecord, artifact: Artifact) -> str:
     where = json.dumps(artifact.location) + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
     if artifact.adapter:
         base = run.summary.get("base_model", {})
-        load = (f"pipeline = StableDiffusionPipeline.from_pretrained({json.dumps(base.get('location') or base.get('name'))})\n"
+        revision = f", revision={json.dumps(run.recipe.model.revision)}" if run.recipe.model.revision else ""
+        load = (f"pipeline = StableDiffusionPipeline.from_pretrained({json.dumps(base.get('location') or base.get('name'))}{revision})\n"
                 f"pipeline.load_lora_weights({where})")
     else:
         load = f"pipeline = StableDiffusionPipeline.from_pretrained({where})"
