@@ -51,7 +51,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 
     from accelerate.utils import set_seed
 
-    set_seed(recipe.train.seed)  # the head's initialisation, dropout, data order
+    # The head's initialisation, dropout, noise, augmentation. Each process gets its own stream (the
+    # seed plus its index: a single process is seeded as the recipe says); identical draws on every rank
+    # would waste the extra processes, and DDP starts every rank from rank 0's weights anyway.
+    set_seed(recipe.train.seed, device_specific=True)
     task_model = task.build_model(source, recipe.model.revision)
     model = method.prepare(task_model)
     _check_frozen(task_model, recipe.method.name)
@@ -69,9 +72,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 
     from finetune.training.loop import eval_loader, evaluate, train
 
-    # Each process its own random stream (noise, timesteps, dropout, augmentation): identical draws on
-    # every rank would waste the extra processes. The weights are already equal (DDP broadcasts rank 0's).
-    set_seed(recipe.train.seed, device_specific=True)
     started = time.perf_counter()
     model, state, last_eval = train(
         accelerator, model, task, method, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume

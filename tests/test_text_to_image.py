@@ -403,3 +403,19 @@ def test_pushed_card_loads_the_merged_pipeline_and_the_adapter_from_the_repo(lor
         drawn = np.asarray(Image.open(tmp_path / "image.png")).astype(int)
         assert np.abs(drawn - sample).max() <= 2  # merged weights round differently from an unmerged adapter
     assert np.array_equal(drawn, sample)  # the adapter, last, exactly
+
+
+def test_a_method_that_trains_a_frozen_module_is_stopped():
+    from finetune.api import TaskModel
+    from finetune.errors import FinetuneError
+    from finetune.pipeline import _check_frozen
+
+    model = torch.nn.Sequential()
+    model.add_module("unet", torch.nn.Linear(2, 2))
+    model.add_module("vae", torch.nn.Linear(2, 2))
+    task_model = TaskModel(model=model, head=[], lora_targets=[], frozen=["vae"])
+    model.vae.requires_grad_(False)
+    _check_frozen(task_model, "careful")  # nothing of the VAE trains: fine
+    model.vae.bias.requires_grad_(True)
+    with pytest.raises(FinetuneError, match=r"method.name: the method 'careful' left parameters of vae trainable, which the task keeps frozen"):
+        _check_frozen(task_model, "careful")
