@@ -100,8 +100,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         summary["base_model"] = base_model_facts(recipe, source, task_model.hub_id)
         summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=data_facts_of(task))
         summary["environment"] = environment_facts(accelerator)
-        _save_model(task, method, unwrapped, layout, recipe.writes_merged)
-        _write_samples(task, unwrapped, layout)  # after the save: a failure here loses no trained model
+        _save_model(task, method, unwrapped, layout)
+        _write_samples(task, unwrapped, layout)  # after the save (a failure here loses no model), before any merge
+        if recipe.writes_merged and method.produces_adapter:
+            _save_merged(task, method, unwrapped, layout)
         write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
         write_json(layout.metrics, summary)
         write_card(layout.root)
@@ -158,15 +160,19 @@ def _write_samples(task, model, layout: RunLayout) -> None:
         tmp.rmdir()
 
 
-def _save_model(task, method, model, layout: RunLayout, merged: bool) -> None:
+def _save_model(task, method, model, layout: RunLayout) -> None:
     """Write the model into a temporary folder and move it into place once complete."""
     tmp = layout.root / ".model.tmp"
     task.save(model, tmp, adapter=method.produces_adapter)
     replace_dir(tmp, layout.model)
-    if merged and method.produces_adapter:
-        tmp = layout.root / ".model-merged.tmp"
-        task.save(method.merge(model), tmp, adapter=False)
-        replace_dir(tmp, layout.merged)
+
+
+def _save_merged(task, method, model, layout: RunLayout) -> None:
+    """The adapter folded into its base, written as a whole model. Merging changes `model` in place
+    (peft's merge_and_unload): nothing may use the adapter model after this."""
+    tmp = layout.root / ".model-merged.tmp"
+    task.save(method.merge(model), tmp, adapter=False)
+    replace_dir(tmp, layout.merged)
 
 
 def _count_parameters(model) -> dict:
