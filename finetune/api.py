@@ -41,8 +41,9 @@ class TaskModel:
     lora_targets: list[str]
     """Default module names for LoRA when the recipe names none."""
     frozen: list[str] = field(default_factory=list)
-    """Qualified names of pretrained modules that no method may train or adapt (a diffusion
-    pipeline's VAE and text encoder): kept frozen, in eval mode and out of the optimizer."""
+    """Qualified names of pretrained modules that are never trained (a diffusion pipeline's VAE and
+    text encoder): the core freezes them after any method's `prepare`, holds them in eval mode and
+    keeps them out of the optimizer; a method should not put adapters inside them."""
     peft_task_type: str | None = None
     """peft TaskType (e.g. SEQ_CLS) so that peft's Auto classes can reload the adapter."""
     hub_id: str | None = None

@@ -121,7 +121,8 @@ def _short_run(recipe: dict, workdir: Path, method: str, method_cls, max_steps: 
     for split, values in metrics.items():
         if not math.isfinite(values.get("loss", math.nan)):
             problems.append(f"the {split} loss is {values.get('loss')}: eval_step must return a finite `loss`")
-    wants_metrics = bool(recipe.get("eval", {}).get("metrics") or getattr(plugins.load(plugins.TASKS, recipe["task"]["name"]), "default_metrics", None))
+    task_cls = plugins.load(plugins.TASKS, recipe["task"]["name"])
+    wants_metrics = bool(recipe.get("eval", {}).get("metrics") or getattr(task_cls, "default_metrics", None))
     if wants_metrics and metrics and all(set(values) == {"loss"} for values in metrics.values()):
         problems.append("eval_step returns no `predictions` and `references`, so no metric was computed")
     predictions = json.loads((summary.run_dir / "predictions.json").read_text())

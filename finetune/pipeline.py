@@ -57,7 +57,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     set_seed(recipe.train.seed, device_specific=True)
     task_model = task.build_model(source, recipe.model.revision)
     model = method.prepare(task_model)
-    _check_frozen(task_model, recipe.method.name)
+    _freeze(task_model)
     parameters = _count_parameters(model)
     accelerator.print(
         f"{recipe.method.name}: training {parameters['trainable']:,} of {parameters['total']:,} parameters "
@@ -136,16 +136,15 @@ def _accelerator(recipe: Recipe):
         ) from None
 
 
-def _check_frozen(task_model, method_name: str) -> None:
-    """The task's frozen modules (TaskModel.frozen) must come out of any method untrainable."""
-    from finetune.errors import FinetuneError
+def _freeze(task_model) -> None:
+    """Whatever the method did, the task's frozen modules (TaskModel.frozen) do not train: no gradient,
+    eval mode (dropout off, statistics fixed), and so no place in the optimizer built next."""
+    from finetune.methods.common import keep_in_eval
 
-    trained = [name for name in task_model.frozen if any(p.requires_grad for p in task_model.model.get_submodule(name).parameters())]
-    if trained:
-        raise FinetuneError(
-            f"method.name: the method '{method_name}' left parameters of {', '.join(trained)} trainable, which the task "
-            "keeps frozen (TaskModel.frozen). The method must leave frozen modules untouched."
-        )
+    for name in task_model.frozen:
+        module = task_model.model.get_submodule(name)
+        module.requires_grad_(False)
+        keep_in_eval(module)
 
 
 def _write_samples(task, model, layout: RunLayout) -> None:

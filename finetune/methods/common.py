@@ -22,14 +22,6 @@ def keep_in_eval(module) -> None:
     module.eval()
 
 
-def freeze(model, frozen: list[str]) -> None:
-    """Take the modules the task marks as frozen (TaskModel.frozen) out of training entirely."""
-    for name in frozen:
-        module = model.get_submodule(name)
-        module.requires_grad_(False)
-        keep_in_eval(module)
-
-
 def frozen_pattern(frozen: list[str]) -> str | None:
     """A regex matching every module inside the frozen ones, for peft's `exclude_modules`."""
     if not frozen:

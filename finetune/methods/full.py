@@ -1,5 +1,5 @@
 """Full fine-tuning: every weight of the backbone and head is trained (except the modules the
-task marks frozen), the backbone optionally with a smaller learning rate (pretrained weights need
+task marks frozen, which the core keeps frozen), the backbone optionally with a smaller learning rate (pretrained weights need
 smaller steps than a new head)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
-from finetune.methods.common import freeze, is_head
+from finetune.methods.common import is_head
 
 
 class FullOptions(BaseModel):
@@ -27,8 +27,7 @@ class Full:
 
     def prepare(self, task_model: TaskModel):
         self.head = list(task_model.head)
-        task_model.model.requires_grad_(True)
-        freeze(task_model.model, task_model.frozen)
+        task_model.model.requires_grad_(True)  # the core then freezes TaskModel.frozen again
         return task_model.model
 
     def parameter_groups(self, model):

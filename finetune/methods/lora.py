@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import TaskModel
 from finetune.errors import FinetuneError
-from finetune.methods.common import freeze, frozen_pattern, is_head, keep_in_eval
+from finetune.methods.common import frozen_pattern, is_head, keep_in_eval
 
 
 class LoraOptions(BaseModel):
@@ -52,7 +52,6 @@ class Lora:
             exclude_modules=frozen_pattern(task_model.frozen),
             task_type=task_model.peft_task_type,
         )
-        freeze(task_model.model, task_model.frozen)
         for name, module in task_model.model.named_modules():
             if getattr(module, "track_running_stats", False) and not is_head(name, task_model.head):
                 keep_in_eval(module)

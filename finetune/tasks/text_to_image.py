@@ -178,13 +178,12 @@ class TextToImage:
 
     # -- artifacts ------------------------------------------------------------------------
     def write_samples(self, model, directory: Path) -> None:
-        import torch
-        from tqdm.auto import tqdm
-
         prompts, seeds = self.options.validation_prompts, self.options.sample_seeds
         if not prompts:
             return
+        import torch
         from diffusers import StableDiffusionPipeline
+        from tqdm.auto import tqdm
 
         # No safety checker: the samples show what the model draws (the saved pipeline keeps the base's).
         pipeline = StableDiffusionPipeline(**self._components(model), safety_checker=None, feature_extractor=None,
