@@ -145,13 +145,28 @@ class Task(Protocol):
         """Make a batch of tensors from preprocessed examples."""
 
     def training_step(self, model: torch.nn.Module, batch: dict) -> dict:
-        """Forward pass; return a dict holding at least `loss`."""
+        """Forward pass; return a dict holding at least `loss`: the mean over the batch's items
+        (see `count_items`), as a transformers model's `.loss` is."""
+
+    def count_items(self, batch: dict) -> torch.Tensor:
+        """Optional. How many items each example's loss averages over, one count per example: the
+        labelled tokens of a sentence for a token-level loss. The core weights every loss by these
+        counts, so that accumulated micro-batches and several processes give the loss (and gradient)
+        of one large batch, as transformers' `num_items_in_batch` does. Default: 1 per example."""
 
     def eval_step(self, model: torch.nn.Module, batch: dict) -> dict:
-        """Forward pass without gradients; return `loss` and, to compute metrics, `predictions` and
-        `references`, and `scores` (per-class logits) for metrics that rank classes, such as top-5 accuracy.
-        Each is a tensor with one row per example, or a list with one entry per example of any
-        length (a sentence's tags), gathered as Python objects; predictions.json stores them as given."""
+        """Forward pass without gradients; return `loss`, a tensor with one value per example (its mean
+        over its items, see `count_items`), so that an evaluation under several processes drops the
+        examples padded onto the last batch and equals a single process's. To compute metrics, also
+        `predictions` and `references`, and `scores` (per-class logits) for metrics that rank classes,
+        such as top-5 accuracy. Each is a tensor with one row per example, or a list with one entry per
+        example of any length (a sentence's tags), gathered as Python objects; predictions.json stores
+        them as given."""
+
+    def metric_options(self) -> dict:
+        """Optional. Keyword arguments for every metric whose `_compute` accepts them; a classifier
+        returns `{"labels": list(range(num_classes))}` so that averaged metrics use the task's whole
+        label set at every evaluation, whichever classes a split happens to hold. Default: {}."""
 
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
         """Optional. Generate from the trained `model` what a reader should see of it (a text-to-image
@@ -202,7 +217,7 @@ PUBLIC_MODULES = (
 """The modules a plugin may import. The rest of finetune is internal and may change."""
 
 _CONTRACTS = {"task": Task, "method": Method}
-OPTIONAL = {"task": ("data_facts", "write_samples"), "method": ("parameter_groups",)}
+OPTIONAL = {"task": ("data_facts", "write_samples", "count_items", "metric_options"), "method": ("parameter_groups",)}
 """Members a plugin may leave out; the core then does what their docstrings call the default."""
 
 
@@ -213,6 +228,18 @@ def data_facts_of(task) -> dict:
 def write_samples_of(task, model, directory: Path) -> None:
     if hasattr(task, "write_samples"):
         task.write_samples(model, directory)
+
+
+def count_items_of(task, batch: dict):
+    import torch
+
+    if hasattr(task, "count_items"):
+        return task.count_items(batch)
+    return torch.ones(len(next(iter(batch.values()))))
+
+
+def metric_options_of(task) -> dict:
+    return task.metric_options() if hasattr(task, "metric_options") else {}
 
 
 def parameter_groups_of(method, model) -> list[dict]:

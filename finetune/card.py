@@ -13,6 +13,7 @@ from pathlib import Path
 import finetune
 from finetune import figures, plugins
 from finetune.api import Artifact, CardInfo, RunRecord
+from finetune.recipe import lower_is_better
 from finetune.rundir import RunLayout, read_run, write_atomic
 
 METHOD_TITLES = {
@@ -88,10 +89,12 @@ def render_card(run: RunRecord, artifacts: list[Artifact]) -> str:
         labels=run.labels,
         label_counts=summary.get("data", {}).get("label_counts"),
         steps=summary["steps"],
+        skipped_steps=summary.get("skipped_steps", 0),
+        saved_weights=saved_weights(run),
         stopped_early=summary["stopped_early"],
         train_seconds=summary["train_seconds"],
         environment=summary.get("environment", {}),
-        hyperparameters=_hyperparameters(recipe),
+        hyperparameters=_hyperparameters(run),
         history=summary["history"],
         curves=f"images/{CURVES}" if curves else None,
         limitations=[*limitations(run), *info.limitations],
@@ -195,15 +198,30 @@ def limitations(run: RunRecord) -> list[str]:
     history = summary["history"]
     metrics = [k for k in (history[0] if history else {}) if k not in ("step", "epoch", "loss")]
     watched = stop.metric if stop else (metrics[0] if metrics else None)
-    if watched and len(history) > 1:
-        lower_is_better = stop.mode == "min" if stop else False
-        best = (min if lower_is_better else max)(history, key=lambda row: row[watched])
-        if best[watched] != history[-1][watched]:
+    saved_step = summary.get("model_step", history[-1]["step"] if history else None)
+    saved = next((row for row in history if row["step"] == saved_step), None)
+    if watched and saved and len(history) > 1:
+        minimise = stop.minimise if stop else lower_is_better(watched)
+        best = (min if minimise else max)(history, key=lambda row: row[watched])
+        if best[watched] != saved[watched]:
             notes.append(
-                f"The saved model is the final state (step {history[-1]['step']}, eval {watched} "
-                f"{history[-1][watched]:.4f}); the best eval {watched}, {best[watched]:.4f}, was at step {best['step']}."
+                f"The saved model is the final state (step {saved_step}, eval {watched} "
+                f"{saved[watched]:.4f}); the best eval {watched}, {best[watched]:.4f}, was at step {best['step']}."
             )
     return notes
+
+
+def saved_weights(run: RunRecord) -> str | None:
+    """Which step's weights the artifact holds, and why, when that is not simply the last step."""
+    summary, stop = run.summary, run.recipe.eval.early_stopping
+    step, last = summary.get("model_step"), (summary["history"][-1]["step"] if summary["history"] else None)
+    if stop is None or step is None:
+        return None
+    if step != last:
+        row = next(r for r in summary["history"] if r["step"] == step)
+        return (f"step {step}, the best evaluation (eval {stop.metric} {row[stop.metric]:.4f}), not the last one "
+                f"(step {last}): eval.early_stopping.final_model is `best`.")
+    return f"step {step}, the last step" + (", which was also the best evaluation." if summary.get("best_step") == step else ".")
 
 
 def _wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -213,11 +231,18 @@ def _wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _hyperparameters(recipe) -> dict:
+def _hyperparameters(run: RunRecord) -> dict:
+    recipe, summary = run.recipe, run.summary
     t = recipe.train
+    processes = summary.get("environment", {}).get("processes", 1)
+    changes = summary.get("lr_changes", [])
+    lr = t.lr if not changes else f"{changes[0]['from']:g}" + "".join(
+        f", {c['to']:g} from step {c['step'] + 1} (set on resume)" for c in changes)
     values = {
-        "learning rate": t.lr,
-        "batch size": f"{t.batch_size} × {t.grad_accum_steps} accumulation",
+        "learning rate": lr,
+        "batch size": f"{t.batch_size * t.grad_accum_steps * processes} examples per optimizer step "
+                      f"({t.batch_size} per device × {t.grad_accum_steps} accumulation × {processes} "
+                      f"process{'es' if processes != 1 else ''})",
         "epochs / max steps": t.max_steps or t.epochs,
         "scheduler": f"{t.scheduler}, warm-up {t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio}",
         "weight decay": t.weight_decay,

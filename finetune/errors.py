@@ -24,3 +24,7 @@ class DataError(FinetuneError):
 
 class PluginError(FinetuneError):
     """A plugin is unknown, fails to import, or does not meet the plugin contract."""
+
+
+class TrainingDiverged(FinetuneError):
+    """The loss or the gradient norm stopped being finite: the run stops before the update lands."""

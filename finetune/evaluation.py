@@ -18,10 +18,14 @@ def installed_metrics() -> list[str]:
 
 
 class Metrics:
-    """The metrics a recipe names, loaded once and computed together."""
+    """The metrics a recipe names, loaded once and computed together.
 
-    def __init__(self, names: list[str]):
+    `options` (the task's Task.metric_options, such as the full label set) go to each metric whose
+    `_compute` takes them by name, so an averaged F1 means the same thing at every evaluation."""
+
+    def __init__(self, names: list[str], options: dict | None = None):
         self.names = names
+        self.options = options or {}
         self._modules = [_load(name) for name in names]
 
     def compute(self, predictions, references, scores=None) -> dict[str, float]:
@@ -29,21 +33,32 @@ class Metrics:
         `prediction_scores`, as evaluate's own roc_auc names it; the others get the predicted ids."""
         results: dict[str, float] = {}
         for name, module in zip(self.names, self._modules):
+            options = _accepted(module, self.options)
             if _wants_scores(module):
                 if scores is None:
                     raise FinetuneError(
                         f"eval.metrics: '{name}' ranks classes by score, but this task's eval_step returns no `scores`. "
                         "Remove it from eval.metrics."
                     )
-                results.update(module.compute(prediction_scores=scores, references=references))
+                results.update(module.compute(prediction_scores=scores, references=references, **options))
             else:
-                results.update(module.compute(predictions=predictions, references=references))
+                results.update(module.compute(predictions=predictions, references=references, **options))
         return results
 
 
 def _wants_scores(module) -> bool:
     features = module.features if not isinstance(module.features, list) else module.features[0]
     return "prediction_scores" in features
+
+
+def _accepted(module, options: dict) -> dict:
+    """The options that the module's `_compute` names (all of them when it takes **kwargs)."""
+    import inspect
+
+    parameters = inspect.signature(module._compute).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return options
+    return {k: v for k, v in options.items() if k in parameters}
 
 
 def _load(name: str):

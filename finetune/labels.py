@@ -15,7 +15,9 @@ def encode_labels(splits: DatasetDict, column: str = "label") -> tuple[DatasetDi
     """Make `column` a ClassLabel in every split; return the splits, the class names and the number
     of unlabelled rows dropped per split.
 
-    Names come from the train split's ClassLabel feature, else from its values (sorted). Rows
+    Names come from the train split's ClassLabel feature, else from its values: numbers (or strings
+    that spell integers) keep their numeric order, so where they are 0..n-1 class id k is label k;
+    text is sorted. Rows
     labelled -1 (GLUE's hidden test labels) are dropped; an eval or test split left empty by that
     is removed. The train split must hold at least two classes."""
     from datasets import ClassLabel, Value
@@ -24,7 +26,7 @@ def encode_labels(splits: DatasetDict, column: str = "label") -> tuple[DatasetDi
     if isinstance(feature, ClassLabel):
         labels = list(feature.names)
     else:
-        labels = sorted({str(v) for v in splits["train"][column]})
+        labels = [str(v) for v in _ordered(set(splits["train"][column]))]
         for role in splits:
             try:
                 splits[role] = splits[role].cast_column(column, Value("string"))
@@ -50,3 +52,13 @@ def encode_labels(splits: DatasetDict, column: str = "label") -> tuple[DatasetDi
             "a classifier needs examples of at least two classes."
         )
     return splits, labels, dropped
+
+
+def _ordered(values: set) -> list:
+    """Numbers in numeric order (2 before 10), text in string order."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) == len(values):
+        return sorted(values)
+    if all(isinstance(v, str) and v.strip().lstrip("+-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(str(v) for v in values)

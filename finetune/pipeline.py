@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import plugins
-from finetune.api import data_facts_of, write_samples_of
+from finetune.api import data_facts_of, metric_options_of, write_samples_of
 from finetune.recipe import Recipe
 from finetune.rundir import RunLayout, replace_dir, write_json
 
@@ -46,7 +45,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         splits = task.prepare_data(load_splits(recipe))
     eval_carved = "eval" not in splits
     splits = finish_splits(splits, recipe, task.stratify_column)
-    metrics = Metrics(recipe.eval.metrics or task.default_metrics)
+    metrics = Metrics(recipe.eval.metrics or task.default_metrics, metric_options_of(task))
     source = resolve_model_source(recipe.model.name, recipe.base_dir)
 
     from accelerate.utils import set_seed
@@ -70,27 +69,28 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         layout.begin(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
 
-    from finetune.training.loop import eval_loader, evaluate, train
+    from finetune.training.eval_loop import eval_loader, evaluate
+    from finetune.training.loop import train
 
-    started = time.perf_counter()
-    model, state, last_eval = train(
-        accelerator, model, task, method, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume
-    )
-    train_seconds = time.perf_counter() - started
-
-    final = {"eval": last_eval}
+    trained = train(accelerator, model, task, method, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume)
+    model, state = trained.model, trained.state
+    final = {"eval": trained.evaluation}
     if "test" in processed:
         test_dl = accelerator.prepare(eval_loader(processed["test"], recipe, task))
         final["test"] = evaluate(accelerator, model, task, test_dl, metrics)
 
     summary = {
-        "metrics": {split: result["metrics"] for split, result in final.items()},
+        "metrics": {split: result.metrics for split, result in final.items()},
         "parameters": parameters,
         "split_sizes": {role: len(splits[role]) for role in ("train", "eval", "test") if role in splits},
-        "steps": state["step"],
-        "stopped_early": state["stopped_early"],
-        "train_seconds": round(train_seconds, 1),
-        "history": state["history"],
+        "steps": state.steps_taken,  # optimizer steps that changed the weights
+        "skipped_steps": state.skipped_steps,  # updates the fp16 gradient scaler skipped
+        "model_step": trained.model_step,  # the step whose weights model/ holds
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "train_seconds": round(state.train_seconds, 1),  # training steps only, every session of the run
+        "lr_changes": state.lr_changes,
+        "history": state.history,
     }
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes > 1:
@@ -104,7 +104,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         _write_samples(task, unwrapped, layout)  # after the save (a failure here loses no model), before any merge
         if recipe.writes_merged and method.produces_adapter:
             _save_merged(task, method, unwrapped, layout)
-        write_json(layout.predictions, {s: {k: r[k] for k in ("predictions", "references")} for s, r in final.items()})
+        write_json(layout.predictions, {s: {"predictions": r.predictions, "references": r.references} for s, r in final.items()})
         write_json(layout.metrics, summary)
         write_card(layout.root)
     accelerator.wait_for_everyone()
@@ -122,17 +122,25 @@ def _accelerator(recipe: Recipe):
     # accelerate keeps one process-wide state that would pin the first run's precision when a
     # process runs several recipes (a notebook, the tests); the distributed part is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1"
+    if recipe.train.mixed_precision == "fp16" and cpu:
+        # accelerate would accept it and quietly train in fp32 (no autocast, no gradient scaler).
+        raise FinetuneError(
+            "train.mixed_precision: 'fp16' needs a CUDA GPU, and none is in use here; "
+            "set train.mixed_precision to bf16 (autocast on the CPU too) or no."
+        )
     try:
+        # Accumulation is done by the training loop (exact on a short last window), not by accelerate.
         return Accelerator(
             mixed_precision=recipe.train.mixed_precision,
-            gradient_accumulation_steps=recipe.train.grad_accum_steps,
-            cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1",
+            cpu=cpu,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         )
     except (ValueError, RuntimeError) as exc:
         raise FinetuneError(
-            f"train.mixed_precision: accelerate cannot use '{recipe.train.mixed_precision}' here ({exc}). "
-            "fp16 needs a GPU; use bf16 or no."
+            f"accelerate could not start ({type(exc).__name__}: {exc}); the recipe asks for train.mixed_precision "
+            f"'{recipe.train.mixed_precision}' on the {'CPU' if cpu else 'GPU'}. Fix what accelerate names, or set "
+            "train.mixed_precision: no."
         ) from None
 
 

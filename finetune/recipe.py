@@ -80,14 +80,39 @@ class DataSection(Section):
             raise ValueError("give either `path` (a Hub dataset) or `files` (local files per split)")
         if self.path and self.files:
             raise ValueError("give either `path` or `files`, not both")
+        if self.eval_split is not None and self.eval_split == self.test_split:
+            raise ValueError(
+                f"eval_split and test_split are both '{self.eval_split}': early stopping and the best-model choice "
+                "would select on the test set, and its score would no longer be held out. Set data.eval_split to "
+                "another split, or to null to carve one from train (data.eval_fraction)"
+            )
         return self
+
+
+# Metric names (or name endings, as in eval_loss) for which a smaller value is better.
+LOWER_IS_BETTER = ("loss", "error", "perplexity", "mse", "mae", "rmse", "wer", "cer")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(metric == name or metric.endswith(f"_{name}") for name in LOWER_IS_BETTER)
 
 
 class EarlyStopping(Section):
     metric: str = Field(description="Metric to watch, as named in metrics.json (accuracy, f1, loss).")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
-    mode: Literal["max", "min"] = Field("max", description="Whether a larger or a smaller value is better.")
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Whether a larger or a smaller value is better; default: min for loss and other "
+        "lower-is-better names (error, perplexity, mse, mae, rmse, wer, cer), max otherwise."
+    )
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    final_model: Literal["best", "last"] = Field(
+        "best", description="Which weights the run saves, tests and describes in the card: the best evaluation's "
+        "(its checkpoint is kept out of rotation) or the last step's."
+    )
+
+    @property
+    def minimise(self) -> bool:
+        return self.mode == "min" if self.mode else lower_is_better(self.metric)
 
 
 class TrainSection(Section):

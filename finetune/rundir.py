@@ -29,6 +29,10 @@ from finetune.errors import FinetuneError
 from finetune.training.checkpoint import latest_checkpoint
 
 
+RESUMABLE = ("train.lr",)
+"""Recipe keys a resume may change: the learning rate applies from the checkpoint on (the card says so)."""
+
+
 class RunLayout:
     def __init__(self, root: Path):
         self.root = root
@@ -52,12 +56,12 @@ class RunLayout:
                     f"--resume: there is no complete checkpoint in {self.checkpoints}. "
                     "Start the run without --resume (add --overwrite to replace the directory)."
                 )
-            changed = _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml))
+            changed = [k for k in _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml)) if k not in RESUMABLE]
             if changed:
                 raise FinetuneError(
                     f"--resume: the recipe differs from the one {self.root} was started with "
-                    f"(changed: {', '.join(changed)}). Resume with the same recipe and overrides, "
-                    "or start a new run with another output.dir."
+                    f"(changed: {', '.join(changed)}). Resume with the same recipe and overrides (only "
+                    f"{', '.join(RESUMABLE)} may change, e.g. after a divergence), or start a new run with another output.dir."
                 )
         elif exists and not overwrite:
             raise FinetuneError(
@@ -71,8 +75,9 @@ class RunLayout:
             )
 
     def begin(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
-        if resume:
-            return  # the run directory and its recipe are already there
+        if resume:  # the run directory is already there; its recipe may have a new train.lr
+            write_atomic(self.recipe, recipe_yaml)
+            return
         if overwrite and self.root.is_dir():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)

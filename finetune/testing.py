@@ -76,10 +76,11 @@ def tiny_tokenizer(directory: Path, *, with_token_types: bool, words: list[str] 
 
 
 def tiny_text_model(directory: Path, model_type: str = "distilbert", seed: int = 0, words: list[str] | None = None,
-                    vocab_size: int = 200) -> Path:
+                    vocab_size: int = 200, dropout: float | None = None) -> Path:
     """A randomly initialised 2-layer encoder (no task head) and its tokenizer, trained on `words`
     (default: the sentiment vocabulary) with at most `vocab_size` tokens (a small one splits
-    words into sub-words). Loads with any Auto class that adds a head."""
+    words into sub-words). Loads with any Auto class that adds a head. `dropout` sets every dropout
+    rate, the head's included (0 for runs compared number for number; default: the library's)."""
     import torch
     from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
@@ -87,12 +88,15 @@ def tiny_text_model(directory: Path, model_type: str = "distilbert", seed: int =
     tokenizer = tiny_tokenizer(directory, with_token_types=model_type == "bert", words=words, vocab_size=vocab_size)
     torch.manual_seed(seed)
     if model_type == "distilbert":
+        rates = {} if dropout is None else {"dropout": dropout, "attention_dropout": dropout, "seq_classif_dropout": dropout}
         config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                  max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+                                  max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, **rates)
         model = DistilBertModel(config)
     elif model_type == "bert":
+        rates = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
+                                            "classifier_dropout": dropout}
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+                            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, **rates)
         model = BertModel(config)
     else:
         raise ValueError(f"unknown tiny model type {model_type!r}; use 'distilbert' or 'bert'")

@@ -37,7 +37,14 @@ class SilentEval(TextClassification):
     methods = ("full",)
 
     def eval_step(self, model, batch):
-        return {"loss": model(**batch).loss}
+        return {"loss": super().eval_step(model, batch)["loss"]}
+
+
+class BatchMeanEvalLoss(TextClassification):
+    methods = ("full",)
+
+    def eval_step(self, model, batch):
+        return {**super().eval_step(model, batch), "loss": model(**batch).loss}
 
 
 class Half:
@@ -54,6 +61,7 @@ def defective_site(tmp_path, monkeypatch):
             "sloppy": "defective_pkg.tasks:Sloppy",
             "crashing-collate": "defective_pkg.tasks:CrashingCollate",
             "silent-eval": "defective_pkg.tasks:SilentEval",
+            "batch-mean-eval-loss": "defective_pkg.tasks:BatchMeanEvalLoss",
             "half": "defective_pkg.tasks:Half",
         }},
         {"defective_pkg/__init__.py": "", "defective_pkg/tasks.py": DEFECTIVE},
@@ -117,6 +125,15 @@ def test_a_crash_names_the_plugins_own_line(defective_site, distilbert_dir, sent
 def test_an_eval_step_without_predictions_is_named(defective_site, distilbert_dir, sentiment_dir, tmp_path):
     assert problems_of("silent-eval", distilbert_dir, sentiment_dir, tmp_path) == [
         "with full: eval_step returns no `predictions` and `references`, so no metric was computed"
+    ]
+
+
+def test_an_eval_loss_that_is_a_batch_mean_is_named(defective_site, distilbert_dir, sentiment_dir, tmp_path):
+    # A batch mean cannot be corrected for the examples that several processes repeat on the last batch.
+    assert problems_of("batch-mean-eval-loss", distilbert_dir, sentiment_dir, tmp_path) == [
+        "with full: the short run stopped: eval_step returned a loss of shape () for a batch of 16 examples; it must "
+        "return one loss per example (e.g. F.cross_entropy(logits, labels, reduction='none')), so that evaluation under "
+        "several processes can drop the examples repeated to fill the last batch."
     ]
 
 

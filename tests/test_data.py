@@ -76,3 +76,21 @@ def test_hub_dataset_unreachable_says_what_to_do(tmp_path):
     recipe = recipe_for(tmp_path, {"path": "nyu-mll/glue", "config": "sst2"})
     with pytest.raises(DataError, match=r"could not load the dataset 'nyu-mll/glue' \(config 'sst2'\).*use local files \(data.files\)"):
         load_splits(recipe)
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_integer_labels_keep_their_numeric_identity(tmp_path, as_text):
+    # 0..11 as numbers, or as strings ("10" sorts before "2" as text): class id k is label k either way.
+    rows = [{"text": f"example {i}", "label": str(i % 12) if as_text else i % 12} for i in range(120)]
+    testing.write_jsonl(tmp_path / "train.jsonl", rows)
+    task, splits = prepared(recipe_for(tmp_path, {"files": {"train": str(tmp_path / "train.jsonl")}}))
+    assert task.labels == [str(k) for k in range(12)]
+    for split in ("train", "eval"):
+        assert all(row["label"] == int(row["text"].split()[1]) % 12 for row in splits[split])
+
+
+def test_numeric_labels_that_are_not_ids_keep_numeric_order(tmp_path):
+    rows = [{"text": f"example {i}", "label": [5, 10, 2][i % 3]} for i in range(30)]
+    testing.write_jsonl(tmp_path / "train.jsonl", rows)
+    task, _ = prepared(recipe_for(tmp_path, {"files": {"train": str(tmp_path / "train.jsonl")}}))
+    assert task.labels == ["2", "5", "10"]

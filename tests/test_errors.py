@@ -114,13 +114,15 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, distilbert_dir, 
     assert (folder / "thesis.tex").read_text() == "years of work"
 
 
-def test_empty_values_in_the_data(tmp_path, distilbert_dir, previous_run):
+@pytest.mark.parametrize("empty", [None, "", "  \t"])
+def test_empty_values_in_the_data(tmp_path, distilbert_dir, previous_run, empty):
     rows = testing.sentiment_examples(40)
-    rows[3]["text"] = None
+    rows[3]["text"] = empty
     testing.write_jsonl(tmp_path / "data" / "train.jsonl", rows)
     testing.write_jsonl(tmp_path / "data" / "test.jsonl", rows[5:10])
     path = recipe_with(tmp_path, distilbert_dir, tmp_path / "data", previous_run)
-    assert "The train split has 1 empty value(s) in the 'text' column; fill or drop those rows." in fail(path, "--overwrite")
+    assert ("The train split has 1 empty value(s) (missing, or only whitespace) in the 'text' column, first in row 3; "
+            "fill or drop those rows.") in fail(path, "--overwrite")
 
 
 def test_override_that_is_not_yaml(tmp_path, distilbert_dir, sentiment_dir):
@@ -145,3 +147,23 @@ def test_validate_reports_without_loading_models(tmp_path, distilbert_dir, senti
     assert result.exit_code == 0 and "valid (text-classification with full" in result.output
     result = CliRunner().invoke(main, ["validate", str(good), "--set", "method.options.rank=4"])
     assert result.exit_code == 1 and "method.options.rank: unknown key" in result.output
+
+
+def test_eval_split_that_is_the_test_split(tmp_path, distilbert_dir, sentiment_dir, previous_run):
+    before = snapshot(previous_run)
+    path = recipe_with(tmp_path, distilbert_dir, sentiment_dir, previous_run, data={"eval_split": "test"})
+    output = fail(path, "--overwrite")
+    assert "data: eval_split and test_split are both 'test': early stopping and the best-model choice" in output
+    assert "Set data.eval_split to another split, or to null to carve one from train" in output
+    assert snapshot(previous_run) == before
+
+
+def test_fp16_without_a_gpu_is_refused_rather_than_run_in_fp32(tmp_path, distilbert_dir, sentiment_dir, previous_run):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: fp16 is available")
+    before = snapshot(previous_run)
+    path = recipe_with(tmp_path, distilbert_dir, sentiment_dir, previous_run, train={"mixed_precision": "fp16"})
+    assert "train.mixed_precision: 'fp16' needs a CUDA GPU, and none is in use here" in fail(path, "--overwrite")
+    assert snapshot(previous_run) == before

@@ -29,6 +29,26 @@ def test_multiclass_scores_are_macro_averaged():
     assert scores["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
 
 
+def test_a_class_absent_from_the_split_still_counts_in_a_three_class_task():
+    # Labels 0, 1, 2; this split holds no class 2, and one example is predicted as 2.
+    predictions, references = [0, 1, 1, 0, 2], [0, 1, 1, 1, 0]
+    scores = Metrics(["f1", "macro_f1", "precision", "recall"], {"labels": [0, 1, 2]}).compute(predictions, references)
+    # class 0: P 1/2 R 1/2 F1 1/2; class 1: P 1 R 2/3 F1 4/5; class 2: no support, P 0 (1 false positive) F1 0
+    assert scores["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 0) / 3)
+    assert scores["f1"] == scores["macro_f1"]  # macro for three classes, whichever classes the split holds
+    assert scores["precision"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert scores["recall"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    # Without the label set, the split alone would decide: binary F1 of class 1 when 2 were never predicted.
+    assert Metrics(["f1"]).compute([0, 1, 1, 0], [0, 1, 1, 1])["f1"] == pytest.approx(0.8)
+    assert Metrics(["f1"], {"labels": [0, 1, 2]}).compute([0, 1, 1, 0], [0, 1, 1, 1])["f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+
+
+def test_a_two_class_task_is_binary_even_when_a_split_holds_one_class():
+    scores = Metrics(["f1", "accuracy"], {"labels": [0, 1]}).compute(predictions=[1, 1, 0], references=[1, 1, 1])
+    assert scores["f1"] == pytest.approx(0.8)  # P 1, R 2/3: binary F1 of class 1; accuracy ignores `labels`
+    assert scores["accuracy"] == pytest.approx(2 / 3)
+
+
 def test_macro_f1_treats_two_classes_alike():
     scores = Metrics(["f1", "macro_f1"]).compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
     # class 1: P 0.5 R 1 F1 2/3; class 0: P 1 R 2/3 F1 0.8

@@ -237,7 +237,7 @@ def test_the_validation_loss_is_fixed_and_precomputed_latents_give_the_same(sd_d
     from finetune.data import finish_splits, load_splits
     from finetune.evaluation import Metrics
     from finetune.recipe import load_recipe
-    from finetune.training.loop import eval_loader, evaluate
+    from finetune.training.eval_loop import eval_loader, evaluate
 
     recipe_dict = testing.text_to_image_recipe(sd_dir, captions_dir, tmp_path / "run")
     losses = []
@@ -255,7 +255,7 @@ def test_the_validation_loss_is_fixed_and_precomputed_latents_give_the_same(sd_d
         assert eval_split[0]["input_ids"].tolist() == expected
         torch.manual_seed(seed)
         result = evaluate(Accelerator(cpu=True), task_model.model, task, eval_loader(eval_split, recipe, task), Metrics([]))
-        losses.append(result["metrics"]["loss"])
+        losses.append(result.metrics["loss"])
     assert losses[0] == losses[1]
     assert losses[2] == pytest.approx(losses[0], abs=1e-5)
 

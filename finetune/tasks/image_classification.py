@@ -88,6 +88,9 @@ class ImageClassification:
     def data_facts(self) -> dict:
         return self.facts
 
+    def metric_options(self) -> dict:
+        return {"labels": list(range(len(self.labels)))}  # every class counts at every evaluation
+
     # -- model ----------------------------------------------------------------------------
     def build_model(self, source: str, revision: str | None) -> TaskModel:
         import timm
@@ -151,7 +154,7 @@ class ImageClassification:
 
         logits = model(batch["pixel_values"])
         return {
-            "loss": F.cross_entropy(logits, batch["labels"]),
+            "loss": F.cross_entropy(logits.float(), batch["labels"], reduction="none"),
             "predictions": logits.argmax(dim=-1),
             "references": batch["labels"],
             "scores": logits.float(),

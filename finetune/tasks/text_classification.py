@@ -48,17 +48,20 @@ class TextClassification:
         require_columns(splits, ("text", "label"))
         for role, split in splits.items():
             for column in [c for c in ("text", "text_pair", "label") if c in split.column_names]:
-                empty = sum(v is None for v in split[column])
+                empty = [i for i, v in enumerate(split[column]) if v is None or (isinstance(v, str) and not v.strip())]
                 if empty:
                     raise DataError(
-                        f"The {role} split has {empty} empty value(s) in the '{column}' column; "
-                        "fill or drop those rows."
+                        f"The {role} split has {len(empty)} empty value(s) (missing, or only whitespace) in the "
+                        f"'{column}' column, first in row {empty[0]}; fill or drop those rows."
                     )
         splits, self.labels, self.unlabelled = encode_labels(splits, "label")
         return splits
 
     def data_facts(self) -> dict:
         return {"unlabelled_rows_dropped": self.unlabelled} if self.unlabelled else {}
+
+    def metric_options(self) -> dict:
+        return {"labels": list(range(len(self.labels)))}  # every class counts at every evaluation
 
     # -- model ----------------------------------------------------------------------------
     def build_model(self, source: str, revision: str | None) -> TaskModel:
@@ -94,8 +97,11 @@ class TextClassification:
         return {"loss": model(**batch).loss}
 
     def eval_step(self, model, batch: dict) -> dict:
+        import torch.nn.functional as F
+
         out = model(**batch)
-        return {"loss": out.loss, "predictions": out.logits.argmax(dim=-1), "references": batch["labels"]}
+        loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")  # the model's loss, per example
+        return {"loss": loss, "predictions": out.logits.argmax(dim=-1), "references": batch["labels"]}
 
     # -- artifacts ------------------------------------------------------------------------
     def save(self, model, directory: Path, *, adapter: bool) -> None:

@@ -174,7 +174,7 @@ class TextToImage:
         return {"loss": model(**batch).mean()}
 
     def eval_step(self, model, batch: dict) -> dict:
-        return {"loss": model(**batch, timesteps=self.options.eval_timesteps).mean()}
+        return {"loss": model(**batch, timesteps=self.options.eval_timesteps)}  # one loss per example
 
     # -- artifacts ------------------------------------------------------------------------
     def write_samples(self, model, directory: Path) -> None:

@@ -7,17 +7,24 @@ the next save clears), never a `step-N` that looks complete but is not.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
+from finetune.training.state import TrainerState
+
 STATE_FILE = "trainer_state.json"
 
 
-def save_checkpoint(accelerator, directory: Path, step: int, state: dict, keep_last: int) -> Path:
-    final = directory / f"step-{step:08d}"
-    tmp = directory / f".tmp-step-{step:08d}"
+def checkpoint_dir(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:08d}"
+
+
+def save_checkpoint(accelerator, directory: Path, state: TrainerState, keep_last: int, protected: int | None = None) -> Path:
+    """Save the run at `state.step`, then delete all but the `keep_last` newest checkpoints, never
+    the one of step `protected` (the best evaluation's, which the run may restore at its end)."""
+    final = checkpoint_dir(directory, state.step)
+    tmp = directory / f".tmp-step-{state.step:08d}"
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -25,11 +32,12 @@ def save_checkpoint(accelerator, directory: Path, step: int, state: dict, keep_l
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (tmp / STATE_FILE).write_text(state.to_json())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the commit point: atomic on POSIX
         for old in list_checkpoints(directory)[:-keep_last]:
-            shutil.rmtree(old)
+            if old != checkpoint_dir(directory, protected if protected is not None else -1):
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -47,6 +55,6 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict:
+def load_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
     accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    return TrainerState.from_json((checkpoint / STATE_FILE).read_text())

@@ -1,183 +1,300 @@
 """The training loop: one flat loop for every task, on accelerate.
 
-Read it top to bottom: build the data loaders and the optimizer, restore a checkpoint if
-resuming, then step through epochs; log, evaluate, checkpoint and maybe stop early on the
-schedule the recipe gives. The task supplies only `training_step`, `eval_step` and `collate`.
+Read it top to bottom: `Trainer.__init__` builds the data loaders, the optimizer and the schedule;
+`restore` resumes from a checkpoint; `run` steps through the epochs one optimizer update at a
+time (`_update`: one accumulation window), and after each update logs, evaluates, checkpoints
+and maybe stops, on the schedule the recipe gives. The task supplies `training_step`,
+`eval_step`, `collate`, and optionally `count_items`.
+
+Every loss is weighted by its items (examples, or labelled tokens) over the whole window on
+every process, so batch b × accumulation k × N processes trains exactly as one batch of b·k·N
+would, also on an epoch's short last window (transformers' `num_items_in_batch` fix).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from finetune.api import parameter_groups_of
+from finetune.api import count_items_of, parameter_groups_of
+from finetune.errors import FinetuneError, TrainingDiverged
 from finetune.recipe import Recipe
-from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.training.eval_loop import Evaluation, eval_loader, evaluate
 from finetune.training.optim import build_optimizer, build_scheduler
-from finetune.errors import FinetuneError
+from finetune.training.state import TrainerState
 from finetune.training.steplog import StepLog, truncate_steplog
 
 
-def train(accelerator, model, task, method, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path, resume: bool):
-    """Train `model` in place; return (prepared model, final trainer state, the last evaluation or None)."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+@dataclass
+class TrainResult:
+    model: Any
+    """The prepared (accelerate-wrapped) model, holding the weights the run saves."""
+    state: TrainerState
+    evaluation: Evaluation
+    """The eval split's evaluation of those weights."""
+    model_step: int
+    """The step whose weights they are: the last, or the best evaluation's (eval.early_stopping.final_model)."""
 
-    t, ev, ck = recipe.train, recipe.eval, recipe.checkpoint
-    # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
-    train_dl = DataLoader(
-        splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
-        generator=torch.Generator().manual_seed(t.seed), num_workers=t.dataloader_workers,
-    )
-    train_dl, eval_dl = accelerator.prepare(train_dl, eval_loader(splits["eval"], recipe, task))
 
-    steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = build_optimizer(parameter_groups_of(method, model), t)
-    scheduler = build_scheduler(optimizer, t, total_steps, accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best": None, "bad_evals": 0, "history": [], "stopped_early": False}
+def train(accelerator, model, task, method, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path,
+          resume: bool) -> TrainResult:
+    """Train `model` in place on splits["train"], evaluating on splits["eval"]."""
+    trainer = Trainer(accelerator, model, task, method, splits, recipe, metrics, checkpoints, steplog)
     if resume:
-        checkpoint = latest_checkpoint(checkpoints)
-        state = load_checkpoint(accelerator, checkpoint)
-        if accelerator.is_main_process:
-            truncate_steplog(steplog, state["step"])
-        accelerator.print(f"Resuming from {checkpoint} (step {state['step']} of {total_steps})")
+        trainer.restore()
+    return trainer.run()
 
-    log = StepLog(steplog, accelerator.is_main_process)
-    bar = tqdm(total=total_steps, initial=state["step"], desc="Training", unit="step", disable=not accelerator.is_main_process)
-    window = _Window()
-    last_eval = None  # the loop always evaluates its final state; the caller reuses that
-    model.train()
-    done = state["step"] >= total_steps or state["stopped_early"]
-    for epoch in range(state["epoch"], epochs):
-        if done:
-            break
-        train_dl.set_epoch(epoch)  # the seedable sampler reshuffles per epoch, identically on every rank
-        skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
-        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        state["epoch"], state["batches_in_epoch"] = epoch, skip
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = task.training_step(model, batch)["loss"]
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state["batches_in_epoch"] += 1
-            window.add(loss, _batch_size(batch) * accelerator.num_processes)
-            if not accelerator.sync_gradients:
-                continue  # still accumulating
 
-            state["step"] += 1
-            step = state["step"]
-            bar.update(1)
-            end_of_epoch = state["batches_in_epoch"] >= len(train_dl)
-            if step % t.log_every_steps == 0 or step == total_steps:
-                record = window.flush(accelerator, step, epoch + state["batches_in_epoch"] / len(train_dl))
-                record["lr"] = scheduler.get_last_lr()[0]
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
+@dataclass
+class _Update:
+    loss_sum: Any  # Σ loss × items over the window, every process
+    items: Any
+    examples: int
+    lr: float
+    grad_norm: float
 
-            evaluated = (ev.every_steps and step % ev.every_steps == 0) or (not ev.every_steps and end_of_epoch) or step == total_steps
-            if evaluated:
-                last_eval = evaluate(accelerator, model, task, eval_dl, metrics)
-                results = last_eval["metrics"]
-                state["history"].append({"step": step, "epoch": epoch + 1 if end_of_epoch else epoch, **results})
-                log.write({"step": step, "eval": results})
-                if accelerator.is_main_process:
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
-                _update_early_stopping(state, results, ev.early_stopping)
 
-            if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated):
-                position = {"epoch": epoch + 1, "batches_in_epoch": 0} if end_of_epoch else {}
-                save_checkpoint(accelerator, checkpoints, step, {**state, **position}, ck.keep_last)
+class Trainer:
+    def __init__(self, accelerator, model, task, method, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path):
+        import torch
+        from torch.utils.data import DataLoader
 
-            if step >= total_steps or state["stopped_early"]:
-                done = True
+        self.accelerator, self.task, self.recipe, self.metrics = accelerator, task, recipe, metrics
+        self.checkpoints, self.steplog = checkpoints, steplog
+        t = recipe.train
+        # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
+        train_dl = DataLoader(
+            splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
+            generator=torch.Generator().manual_seed(t.seed), num_workers=t.dataloader_workers,
+        )
+        self.train_dl, self.eval_dl = accelerator.prepare(train_dl, eval_loader(splits["eval"], recipe, task))
+        self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum_steps)
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        optimizer = build_optimizer(parameter_groups_of(method, model), t, model)
+        scheduler = build_scheduler(optimizer, t, self.total_steps, accelerator.num_processes)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.state = TrainerState(lr=t.lr)
+        stop = recipe.eval.early_stopping
+        self.stopping = stop
+        self.keep_best = stop is not None and stop.final_model == "best"
+
+    # -- resume ---------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from the latest complete checkpoint; a changed train.lr applies from here on."""
+        checkpoint = latest_checkpoint(self.checkpoints)
+        fresh_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]  # this recipe's peak rates
+        self.state = load_checkpoint(self.accelerator, checkpoint)
+        if self.recipe.train.lr != self.state.lr:
+            self._rescale_lr(fresh_lrs)
+        if self.accelerator.is_main_process:
+            truncate_steplog(self.steplog, self.state.step)
+        self.accelerator.print(f"Resuming from {checkpoint} (step {self.state.step} of {self.total_steps})")
+
+    def _rescale_lr(self, fresh_lrs: list[float]) -> None:
+        """The checkpoint restored the old peak rates; keep the schedule's shape, at the new peak."""
+        schedule = self.scheduler.scheduler  # the LambdaLR under accelerate's wrapper
+        for i, (group, peak) in enumerate(zip(self.optimizer.param_groups, fresh_lrs)):
+            group["lr"] *= peak / group["initial_lr"]
+            group["initial_lr"] = schedule.base_lrs[i] = peak
+        self.state.lr_changes.append({"step": self.state.step, "from": self.state.lr, "to": self.recipe.train.lr})
+        self.state.lr = self.recipe.train.lr
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        state, acc, t, ev, ck = self.state, self.accelerator, self.recipe.train, self.recipe.eval, self.recipe.checkpoint
+        self.log = StepLog(self.steplog, acc.is_main_process)
+        self.bar = tqdm(total=self.total_steps, initial=state.step, desc="Training", unit="step", disable=not acc.is_main_process)
+        window = _LogWindow()
+        last_eval = None  # the loop always evaluates its final state; the caller reuses that
+        self.model.train()
+        for epoch in range(state.epoch, self.epochs):
+            if self._finished():
                 break
-    bar.close()
-    log.close()
-    if last_eval is None:  # resumed after the last step: nothing was trained, evaluate once
-        last_eval = evaluate(accelerator, model, task, eval_dl, metrics)
-    return model, state, last_eval
+            self.train_dl.set_epoch(epoch)  # the seedable sampler reshuffles per epoch, identically on every rank
+            skip = state.batches_in_epoch
+            batches = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
+            for micro_batches in _windows(batches, t.grad_accum_steps):
+                started = time.perf_counter()
+                update = self._update(micro_batches)
+                seconds = time.perf_counter() - started
+                state.train_seconds += seconds
+                window.add(update, seconds)
+                state.batches_in_epoch += len(micro_batches)
+                progress = epoch + state.batches_in_epoch / len(self.train_dl)
+                if state.batches_in_epoch >= len(self.train_dl):
+                    state.epoch, state.batches_in_epoch = epoch + 1, 0
+                self.bar.update(1)
+
+                step = state.step
+                if step % t.log_every_steps == 0 or step == self.total_steps:
+                    self._log(window.flush(step, progress, update))
+                end_of_epoch = state.batches_in_epoch == 0
+                evaluated = (ev.every_steps and step % ev.every_steps == 0) or (not ev.every_steps and end_of_epoch) \
+                    or step == self.total_steps
+                improved = False
+                if evaluated:
+                    last_eval, improved = self._evaluate(progress)
+                if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated) \
+                        or (improved and self.keep_best):
+                    save_checkpoint(acc, self.checkpoints, state, ck.keep_last, state.best_step if self.keep_best else None)
+                if self._finished():
+                    break
+        self.bar.close()
+        self.log.close()
+        if last_eval is None:  # resumed after the last step: nothing was trained, evaluate once
+            last_eval = evaluate(acc, self.model, self.task, self.eval_dl, self.metrics)
+        return self._final(last_eval)
+
+    def _finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.stopped_early
+
+    # -- one optimizer update -------------------------------------------------------------
+    def _update(self, micro_batches: list[dict]) -> _Update:
+        """Forward and backward every micro-batch of the window, then one optimizer step.
+
+        Each micro-batch's mean loss is turned into its share of the window's mean: × its items /
+        the items of the whole window on all processes, × the number of processes because DDP
+        averages the gradients it sums. (accelerator.backward divides by its gradient_accumulation_steps,
+        which stays 1: the window is accumulated here, so that a short last window is exact.)"""
+        import torch
+
+        acc = self.accelerator
+        items = [count_items_of(self.task, batch).to(acc.device).float().sum() for batch in micro_batches]
+        total = acc.reduce(torch.stack(items).sum(), reduction="sum")
+        scale = acc.num_processes / total.clamp(min=1)
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):  # gradients sync once per window
+                loss = self.task.training_step(self.model, batch)["loss"]
+                acc.backward(loss * items[i] * scale)
+            loss_sum += loss.detach().float() * items[i]
+        max_norm = self.recipe.train.max_grad_norm or math.inf  # inf: measured, not clipped
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        loss_sum = acc.reduce(loss_sum, reduction="sum")
+        self._check_finite(float(loss_sum / total.clamp(min=1)), grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        self.optimizer.step()
+        self.scheduler.step()  # accelerate does not step it when the fp16 scaler skipped the update
+        self.optimizer.zero_grad()
+        if self.optimizer.step_was_skipped:
+            self.state.skipped_steps += 1
+        self.state.step += 1
+        examples = sum(len(next(iter(b.values()))) for b in micro_batches) * acc.num_processes
+        return _Update(loss_sum, total, examples, lr, grad_norm)
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop before a non-finite update reaches the weights. Loss and norm are the same on every
+        rank (reduced, and taken after gradient synchronisation), so every rank stops together. Under
+        fp16 an infinite gradient is the scaler's business: it skips that update and lowers its scale."""
+        scaled = self.accelerator.scaler is not None
+        if not (math.isfinite(loss) and (scaled or math.isfinite(grad_norm))):
+            self._diverged(f"the training loss is {loss} and the gradient norm {grad_norm}")
+
+    def _diverged(self, what: str):
+        """Raise TrainingDiverged: what went wrong, what to try, and which checkpoint to resume from.
+
+        The weights of step N are the ones that gave the non-finite value; a checkpoint of step N
+        holds them, so the advice points before it."""
+        from finetune.training.checkpoint import list_checkpoints
+
+        step, lr = self.state.step, self.optimizer.param_groups[0]["lr"]
+        suspect = checkpoint_dir(self.checkpoints, step)
+        good = [c for c in list_checkpoints(self.checkpoints) if c != suspect]
+        if good:
+            where = (f"The last good checkpoint is {good[-1]}: `finetune run RECIPE --resume --set train.lr=...` "
+                     "continues from it at a lower learning rate.")
+            if suspect.is_dir():
+                where += f" {suspect} holds the weights that gave this value: delete it first, or --resume takes it."
+        else:
+            where = "No good checkpoint was written before it: start over with a change and --overwrite."
+        raise TrainingDiverged(
+            f"Training diverged: {what} with the weights after step {step} of {self.total_steps} (learning rate {lr:.3g}). No final "
+            f"model or card was written; the run directory is otherwise as it was. Try a lower train.lr (now "
+            f"{self.recipe.train.lr:g}), keep gradient clipping on (train.max_grad_norm), or use bf16 instead of fp16. {where}"
+        )
+
+    # -- logging, evaluation, early stopping ----------------------------------------------
+    def _log(self, record: dict) -> None:
+        self.log.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
+
+    def _evaluate(self, progress: float) -> tuple[Evaluation, bool]:
+        """Evaluate the current weights, record them, and say whether they are the best so far."""
+        evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
+        results, step = evaluation.metrics, self.state.step
+        if not math.isfinite(results["loss"]):
+            self._diverged(f"the eval loss is {results['loss']}")
+        self.state.history.append({"step": step, "epoch": round(progress, 4), **results})
+        self.log.write({"step": step, "eval": results})
+        if self.accelerator.is_main_process:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        return evaluation, self._update_early_stopping(results)
+
+    def _update_early_stopping(self, results: dict) -> bool:
+        rule, state = self.stopping, self.state
+        if rule is None:
+            return False
+        if rule.metric not in results:
+            raise FinetuneError(f"eval.early_stopping.metric: '{rule.metric}' is not among the results {sorted(results)}.")
+        value, best = results[rule.metric], state.best
+        if rule.minimise:
+            better = best is None or value < best - rule.min_delta
+        else:
+            better = best is None or value > best + rule.min_delta
+        if better:
+            state.best, state.best_step, state.bad_evals = value, state.step, 0
+        else:
+            state.bad_evals += 1
+            state.stopped_early = state.bad_evals >= rule.patience
+        return better
+
+    def _final(self, last_eval: Evaluation) -> TrainResult:
+        """The weights the run keeps: the last step's, or the best evaluation's, restored from its checkpoint."""
+        state = self.state
+        if not self.keep_best or state.best_step in (None, state.step):
+            return TrainResult(self.model, state, last_eval, state.step)
+        best = checkpoint_dir(self.checkpoints, state.best_step)
+        self.accelerator.print(f"Restoring the best evaluation's weights from {best}")
+        load_checkpoint(self.accelerator, best)  # this run's own state (steps, history) stays as it is
+        evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
+        return TrainResult(self.model, state, evaluation, state.best_step)
 
 
-def eval_loader(dataset, recipe: Recipe, task):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate, num_workers=recipe.train.dataloader_workers
-    )
-
-
-def evaluate(accelerator, model, task, dataloader, metrics) -> dict:
-    """Mean loss and metrics over `dataloader`, gathered from every process; also the predictions."""
-    import torch
-
-    model.eval()
-    loss_sum, examples = 0.0, 0
-    gathered: dict[str, list] = {"predictions": [], "references": [], "scores": []}
-    with torch.no_grad():
-        for batch in dataloader:
-            out = task.eval_step(model, batch)
-            size = torch.tensor([_batch_size(batch)], device=accelerator.device)
-            weighted = accelerator.gather(out["loss"].detach().float().reshape(1) * size)
-            loss_sum += float(weighted.sum())
-            examples += int(accelerator.gather(size).sum())
-            for key in [k for k in gathered if k in out]:
-                if hasattr(out[key], "tolist"):  # a tensor, one row per example
-                    gathered[key] += accelerator.gather_for_metrics(out[key]).tolist()
-                else:  # a list per example of any length (a sentence's tags): gathered as objects
-                    gathered[key] += accelerator.gather_for_metrics(list(out[key]), use_gather_object=True)
-    model.train()
-    results = {"loss": loss_sum / examples}  # mean over examples, not over batches of unequal size
-    if gathered["predictions"]:
-        results.update(metrics.compute(gathered["predictions"], gathered["references"], gathered["scores"] or None))
-    return {"metrics": results, "predictions": gathered["predictions"], "references": gathered["references"]}
+def _windows(batches, size: int):
+    """Micro-batches grouped by optimizer update; an epoch's last window may be shorter."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
-def _update_early_stopping(state: dict, results: dict, rule) -> None:
-    if rule is None:
-        return
-    if rule.metric not in results:
-        raise FinetuneError(f"eval.early_stopping.metric: '{rule.metric}' is not among the results {sorted(results)}.")
-    value, best = results[rule.metric], state["best"]
-    better = best is None or (value > best + rule.min_delta if rule.mode == "max" else value < best - rule.min_delta)
-    if better:
-        state["best"], state["bad_evals"] = value, 0
-    else:
-        state["bad_evals"] += 1
-        state["stopped_early"] = state["bad_evals"] >= rule.patience
-
-
-def _batch_size(batch: dict) -> int:
-    return len(next(iter(batch.values())))
-
-
-class _Window:
-    """Loss and throughput since the last log line."""
+class _LogWindow:
+    """Loss and throughput of the updates since the last log line (training time only)."""
 
     def __init__(self):
-        self.start, self.loss, self.batches, self.examples = time.perf_counter(), 0.0, 0, 0
+        self.loss_sum, self.items, self.examples, self.seconds = 0.0, 0.0, 0, 0.0
 
-    def add(self, loss, examples: int) -> None:
-        self.loss += loss.detach().float()
-        self.batches += 1
-        self.examples += examples
+    def add(self, update: _Update, seconds: float) -> None:
+        self.loss_sum += float(update.loss_sum)
+        self.items += float(update.items)
+        self.examples += update.examples
+        self.seconds += seconds
 
-    def flush(self, accelerator, step: int, epoch: float) -> dict:
-        mean_loss = accelerator.reduce(self.loss / self.batches, reduction="mean")
-        elapsed = time.perf_counter() - self.start
-        record = {"step": step, "epoch": round(epoch, 4), "loss": float(mean_loss), "examples_per_s": self.examples / elapsed}
+    def flush(self, step: int, epoch: float, last: _Update) -> dict:
+        record = {"step": step, "epoch": round(epoch, 4), "loss": self.loss_sum / max(self.items, 1.0), "lr": last.lr,
+                  "grad_norm": last.grad_norm, "examples_per_s": self.examples / max(self.seconds, 1e-9)}
         self.__init__()
         return record

@@ -7,19 +7,38 @@ import math
 from finetune.recipe import TrainSection
 
 
-def build_optimizer(groups: list[dict], train: TrainSection):
+def build_optimizer(groups: list[dict], train: TrainSection, model=None):
     """AdamW over the method's parameter groups (see Method.parameter_groups); no weight decay on
-    biases and normalisation weights (decaying them only pulls useful offsets and scales toward zero)."""
+    biases, normalisation weights and what the model names in `no_weight_decay()` (decaying them
+    only pulls useful offsets, scales and embeddings toward zero)."""
     import torch
 
+    exempt = no_weight_decay(model) if model is not None else set()
     split = []
     for group in groups:
         lr = group.get("lr", train.lr)
         params = [p for p in group["params"] if p.requires_grad]
-        # Biases and normalisation scales/offsets are exactly the 1-d parameters.
-        split.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay, "lr": lr})
-        split.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr})
+        # Biases and normalisation scales/offsets are exactly the 1-d parameters (timm's rule too).
+        decayed = [p for p in params if p.ndim >= 2 and id(p) not in exempt]
+        split.append({"params": decayed, "weight_decay": train.weight_decay, "lr": lr})
+        split.append({"params": [p for p in params if p.ndim < 2 or id(p) in exempt], "weight_decay": 0.0, "lr": lr})
     return torch.optim.AdamW([g for g in split if g["params"]], lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
+
+
+def no_weight_decay(model) -> set[int]:
+    """Ids of the parameters that any submodule names in `no_weight_decay()`, timm's convention
+    (a ViT's pos_embed and cls_token), as timm's own param_groups_weight_decay reads it."""
+    exempt = set()
+    for module in model.modules():
+        names = getattr(module, "no_weight_decay", None)
+        if not callable(names):
+            continue
+        for name in names():
+            try:
+                exempt.add(id(module.get_parameter(name)))
+            except AttributeError:  # a name the model lists for variants it was not built with (dist_token)
+                continue
+    return exempt
 
 
 def build_scheduler(optimizer, train: TrainSection, total_steps: int, num_processes: int):

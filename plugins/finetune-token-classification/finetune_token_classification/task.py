@@ -127,10 +127,18 @@ class TokenClassification:
 
     # -- steps ----------------------------------------------------------------------------
     def training_step(self, model, batch: dict) -> dict:
-        return {"loss": model(**batch).loss}
+        return {"loss": model(**batch).loss}  # the mean over the batch's scored words
+
+    def count_items(self, batch: dict):
+        """The loss averages over scored words (first sub-words), not sentences: a long sentence weighs more."""
+        return (batch["labels"] != IGNORED).sum(dim=1)
 
     def eval_step(self, model, batch: dict) -> dict:
+        import torch.nn.functional as F
+
         out = model(**batch)
+        per_token = F.cross_entropy(out.logits.float().transpose(1, 2), batch["labels"], ignore_index=IGNORED, reduction="none")
+        loss = per_token.sum(dim=1) / self.count_items(batch).clamp(min=1)  # each sentence's mean over its words
         predicted, labels = out.logits.argmax(dim=-1).tolist(), batch["labels"].tolist()
         names = self.tags
         predictions, references = [], []
@@ -138,7 +146,7 @@ class TokenClassification:
             scored = [(p, l) for p, l in zip(row_predicted, row_labels) if l != IGNORED]
             predictions.append([names[p] for p, _ in scored])
             references.append([names[l] for _, l in scored])
-        return {"loss": out.loss, "predictions": predictions, "references": references}
+        return {"loss": loss, "predictions": predictions, "references": references}
 
     # -- artifacts ------------------------------------------------------------------------
     def save(self, model, directory: Path, *, adapter: bool) -> None:

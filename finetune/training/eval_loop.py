@@ -1,0 +1,77 @@
+"""One pass over an evaluation split: loss, predictions and metrics, exact under several processes.
+
+accelerate gives every process the same number of batches by repeating examples from the start
+on the last one; `gather_for_metrics` drops those repeats. Losses are therefore gathered per
+example (never as batch means, whose repeats cannot be taken out) and weighted by their items,
+so N processes report what one process reports on the same weights. Metrics are computed once,
+on the main process, and sent to the others: every rank sees the same numbers and so makes the
+same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune.api import count_items_of
+from finetune.errors import FinetuneError
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    predictions: list = field(default_factory=list)
+    references: list = field(default_factory=list)
+
+
+def eval_loader(dataset, recipe, task):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate, num_workers=recipe.train.dataloader_workers
+    )
+
+
+def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
+    """Items-weighted mean loss and metrics over `dataloader`, with every process's predictions."""
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    model.eval()
+    weighted_losses = []  # per example: (loss × items, items), gathered, on the device
+    gathered: dict[str, list] = {"predictions": [], "references": [], "scores": []}
+    with torch.no_grad():
+        for batch in dataloader:
+            out = task.eval_step(model, batch)
+            items = count_items_of(task, batch).to(accelerator.device).float()
+            loss = _per_example(out["loss"], len(items)).float()
+            pairs = torch.stack([torch.where(items > 0, loss * items, 0.0), items], dim=1)
+            weighted_losses.append(accelerator.gather_for_metrics(pairs))
+            for key in [k for k in gathered if k in out]:
+                if hasattr(out[key], "tolist"):  # a tensor, one row per example; kept on the device until the end
+                    gathered[key].append(accelerator.gather_for_metrics(out[key]))
+                else:  # a list per example of any length (a sentence's tags): gathered as objects
+                    gathered[key] += accelerator.gather_for_metrics(list(out[key]), use_gather_object=True)
+    model.train()
+    for key, values in gathered.items():
+        if values and hasattr(values[0], "tolist"):
+            gathered[key] = torch.cat(values).tolist()
+
+    results = [None]
+    if accelerator.is_main_process:
+        total = torch.cat(weighted_losses).sum(dim=0).double()
+        results[0] = {"loss": float(total[0] / total[1]) if total[1] > 0 else float("nan")}
+        if gathered["predictions"]:
+            results[0].update(metrics.compute(gathered["predictions"], gathered["references"], gathered["scores"] or None))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(results)
+    return Evaluation(results[0], gathered["predictions"], gathered["references"])
+
+
+def _per_example(loss, examples: int):
+    if loss.dim() == 1 and loss.numel() == examples:
+        return loss.detach()
+    raise FinetuneError(
+        f"eval_step returned a loss of shape {tuple(loss.shape)} for a batch of {examples} examples; it must return "
+        "one loss per example (e.g. F.cross_entropy(logits, labels, reduction='none')), so that evaluation under "
+        "several processes can drop the examples repeated to fill the last batch."
+    )

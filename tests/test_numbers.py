@@ -1,0 +1,244 @@
+"""Reference-equivalence tests: every number a run reports equals the mathematically equivalent run.
+
+Batch b × accumulation k against batch b·k, N processes against one, a resumed run against the
+uninterrupted one, logged learning rates against the closed form, the saved model of an early-
+stopped run against its best checkpoint. Dropout is off so that runs can be compared number for
+number; the data order is the same in each pair (the seeded sampler permutes examples, not batches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from finetune import testing
+from finetune.cli import main
+from finetune.training.steplog import read_steplog
+
+
+@pytest.fixture(scope="session")
+def exact_model(tmp_path_factory) -> Path:
+    return testing.tiny_text_model(tmp_path_factory.mktemp("tiny-distilbert-no-dropout"), "distilbert", dropout=0.0)
+
+
+def data_dir(root: Path, train: int, validation: int = 15, test: int = 9) -> Path:
+    """Given splits (no carve-out), of sizes that leave ragged last batches."""
+    testing.write_jsonl(root / "train.jsonl", testing.sentiment_examples(train, seed=11))
+    testing.write_jsonl(root / "validation.jsonl", testing.sentiment_examples(validation, seed=12))
+    testing.write_jsonl(root / "test.jsonl", testing.sentiment_examples(test, seed=13))
+    return root
+
+
+def exact_recipe(model: Path, data: Path, run_dir: Path, **sections) -> dict:
+    files = {split: str(data / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    train = {"lr": 1e-3, "epochs": 1, "log_every_steps": 1, "eval_batch_size": 4, **sections.pop("train", {})}
+    return testing.text_recipe(model, data, run_dir, "full", data={"files": files}, train=train, **sections)
+
+
+def run(tmp_path: Path, name: str, recipe: dict, *args) -> Path:
+    path = testing.write_recipe(tmp_path / f"{name}.yaml", recipe)
+    result = CliRunner().invoke(main, ["run", str(path), *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return Path(recipe["output"]["dir"])
+
+
+def run_processes(tmp_path: Path, name: str, recipe: dict, processes: int, *args) -> Path:
+    path = testing.write_recipe(tmp_path / f"{name}.yaml", recipe)
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(path), "--processes", str(processes), *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(recipe["output"]["dir"])
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_steplog(run_dir / "logs" / "steps.jsonl") if "loss" in r]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# -- accumulation -------------------------------------------------------------------------------
+def test_accumulation_with_a_short_last_window_equals_the_larger_batch(tmp_path, exact_model):
+    # 14 examples: batch 8 gives steps of 8 and 6; batch 4 × 2 gives windows (4, 4) and (4, 2). The
+    # last window must weigh its micro-batches 4:2, as the batch of 6 does, not 1:1 (8e-3 off before).
+    data = data_dir(tmp_path / "data", train=14)
+    large = run(tmp_path, "large", exact_recipe(exact_model, data, tmp_path / "large", train={"batch_size": 8}))
+    accumulated = run(tmp_path, "accumulated", exact_recipe(
+        exact_model, data, tmp_path / "accumulated", train={"batch_size": 4, "grad_accum_steps": 2}))
+
+    assert summary(large)["steps"] == summary(accumulated)["steps"] == 2
+    assert max_difference(weights(large), weights(accumulated)) < 1e-5
+    for a, b in zip(train_records(large), train_records(accumulated), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)  # the logged loss is the larger batch's loss
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert summary(large)["metrics"]["test"]["loss"] == pytest.approx(summary(accumulated)["metrics"]["test"]["loss"], rel=1e-5)
+
+
+# -- learning rates -----------------------------------------------------------------------------
+def closed_form(step: int, peak: float, warmup: int, total: int, scheduler: str) -> float:
+    """The rate used by optimizer step `step` (1-based): warm-up from 0, then linear or cosine decay."""
+    done = step - 1
+    if done < warmup:
+        return peak * done / warmup
+    progress = (done - warmup) / (total - warmup)
+    return peak * (max(0.0, 1 - progress) if scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_logged_learning_rates_follow_the_closed_form_with_accumulation(tmp_path, exact_model, scheduler):
+    data = data_dir(tmp_path / "data", train=20)  # batch 4 × 2: windows of 8, 8, 4 per epoch
+    run_dir = run(tmp_path, "lr", exact_recipe(exact_model, data, tmp_path / "run", train={
+        "batch_size": 4, "grad_accum_steps": 2, "epochs": 3, "scheduler": scheduler, "warmup_steps": 2}))
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 10))
+    for record in records:
+        assert record["lr"] == pytest.approx(closed_form(record["step"], 1e-3, 2, 9, scheduler), abs=1e-12)
+
+
+# -- resume -------------------------------------------------------------------------------------
+def rewind(finished: Path, copy: Path, step: int) -> Path:
+    """A copy of a finished run as a crash right after the checkpoint of `step` leaves it: that
+    checkpoint and older ones, the step log so far (and beyond: a resume truncates it), no outputs."""
+    shutil.copytree(finished, copy)
+    recipe = copy / "recipe.yaml"  # the copy's own output.dir
+    recipe.write_text(recipe.read_text().replace(str(finished), str(copy)))
+    for checkpoint in (copy / "checkpoints").iterdir():
+        if int(checkpoint.name.split("-")[1]) > step:
+            shutil.rmtree(checkpoint)
+    for name in ("model", "metrics.json", "predictions.json", "README.md", "images"):
+        target = copy / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return copy
+
+
+def test_resume_in_the_middle_of_epoch_two_is_bit_identical(tmp_path, exact_model):
+    # 20 examples, batch 4 × 2: 3 steps per epoch; the checkpoint of step 4 sits after one window of epoch 2.
+    data = data_dir(tmp_path / "data", train=20)
+    recipe = exact_recipe(exact_model, data, tmp_path / "whole", train={
+        "batch_size": 4, "grad_accum_steps": 2, "epochs": 3, "warmup_steps": 2},
+        eval={"every_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 5})
+    whole = run(tmp_path, "whole", recipe)
+    state = json.loads((whole / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)  # mid-epoch 2
+
+    resumed = rewind(whole, tmp_path / "resumed", step=4)
+    run(tmp_path, "whole", {**recipe, "output": {"dir": str(resumed)}}, "--resume")
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary(whole)["metrics"] == summary(resumed)["metrics"]
+    assert summary(whole)["history"] == summary(resumed)["history"]
+    # Training time is summed over sessions: the resumed run counts the first session's 4 steps too.
+    assert summary(resumed)["train_seconds"] > 0.0 and state["train_seconds"] > 0.0
+
+
+@pytest.mark.slow
+def test_resume_of_a_two_process_run_is_bit_identical(tmp_path, exact_model):
+    data = data_dir(tmp_path / "data", train=16)
+    recipe = exact_recipe(exact_model, data, tmp_path / "whole", train={"batch_size": 4, "epochs": 2},
+                          eval={"every_steps": 2}, checkpoint={"every_steps": 1, "keep_last": 4})
+    whole = run_processes(tmp_path, "whole", recipe, 2)
+    resumed = rewind(whole, tmp_path / "resumed", step=1)
+    run_processes(tmp_path, "resumed", {**recipe, "output": {"dir": str(resumed)}}, 2, "--resume")
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary(whole)["metrics"] == summary(resumed)["metrics"]
+    assert summary(whole)["rank_checksums"] == summary(resumed)["rank_checksums"]
+
+
+# -- several processes --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, exact_model):
+    # 16 training examples: 2 × batch 4 covers the same 8 examples per step as 1 × batch 8. The eval
+    # split of 15 and the test split of 9 leave a last batch that accelerate completes with repeated
+    # examples on one process; they must not count.
+    data = data_dir(tmp_path / "data", train=16)
+    def recipe(run_dir: Path, batch_size: int) -> dict:
+        return exact_recipe(exact_model, data, run_dir, train={"epochs": 2, "warmup_steps": 1, "batch_size": batch_size},
+                            eval={"every_steps": 1, "metrics": ["accuracy", "f1"]})
+
+    one = run(tmp_path, "one", recipe(tmp_path / "one", 8))
+    two = run_processes(tmp_path, "two", recipe(tmp_path / "two", 4), 2)
+
+    assert summary(two)["environment"]["processes"] == 2 and summary(one)["steps"] == summary(two)["steps"] == 4
+    assert max_difference(weights(one), weights(two)) < 1e-5
+    for split in ("eval", "test"):
+        a, b = summary(one)["metrics"][split], summary(two)["metrics"][split]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"] and a["f1"] == b["f1"]
+    for a, b in zip(summary(one)["history"], summary(two)["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    predictions = [json.loads((d / "predictions.json").read_text()) for d in (one, two)]
+    assert predictions[0] == predictions[1] and len(predictions[0]["eval"]["references"]) == 15
+    for a, b in zip(train_records(one), train_records(two), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["lr"] == b["lr"] == pytest.approx(closed_form(a["step"], 1e-3, 1, 4, "linear"), abs=1e-12)
+
+
+# -- early stopping -----------------------------------------------------------------------------
+def expected_stop(history: list[dict], metric: str, patience: int) -> tuple[int, int]:
+    """(step at which training stops, best step) for a lower-is-better metric, by the rule's definition."""
+    best, best_step, bad = math.inf, None, 0
+    for row in history:
+        if row[metric] < best:
+            best, best_step, bad = row[metric], row["step"], 0
+        else:
+            bad += 1
+            if bad == patience:
+                return row["step"], best_step
+    return history[-1]["step"], best_step
+
+
+def early_stopping_recipe(model: Path, data: Path, run_dir: Path, final_model: str) -> dict:
+    # A constant, high learning rate on a small model: the eval loss falls, then rises.
+    return exact_recipe(model, data, run_dir, train={"lr": 3e-2, "scheduler": "constant", "epochs": 8, "batch_size": 8},
+                        eval={"every_steps": 2, "early_stopping": {"metric": "loss", "patience": 2, "final_model": final_model}},
+                        checkpoint={"keep_last": 1})
+
+
+def test_early_stopping_on_loss_stops_where_it_should_and_keeps_the_best_weights(tmp_path, exact_model):
+    data = data_dir(tmp_path / "data", train=64, validation=7)
+    run_dir = run(tmp_path, "best", early_stopping_recipe(exact_model, data, tmp_path / "best", "best"))
+    result = summary(run_dir)
+    history = result["history"]
+    stop, best = expected_stop(history, "loss", patience=2)
+    assert best != history[0]["step"] and best != stop  # the loss fell, then rose: the rule is really exercised
+    assert result["stopped_early"] and result["steps"] == stop == history[-1]["step"]
+    assert result["model_step"] == result["best_step"] == best
+
+    # The best checkpoint survived rotation (keep_last 1) and the saved model holds exactly its weights.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{best:08d}", f"step-{stop:08d}"]
+    saved, checkpoint = weights(run_dir), load_file(run_dir / "checkpoints" / f"step-{best:08d}" / "model.safetensors")
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+    # The eval results reported are those of the best evaluation, measured again on the restored weights.
+    best_row = next(row for row in history if row["step"] == best)
+    assert result["metrics"]["eval"] == {k: v for k, v in best_row.items() if k not in ("step", "epoch")}
+    card = (run_dir / "README.md").read_text()
+    assert f"Saved weights: step {best}, the best evaluation (eval loss {best_row['loss']:.4f}), not the last one (step {stop})" in card
+
+    last_dir = run(tmp_path, "last", early_stopping_recipe(exact_model, data, tmp_path / "last", "last"))
+    last = summary(last_dir)
+    assert last["history"] == history and last["model_step"] == stop
+    assert last["metrics"]["eval"]["loss"] == history[-1]["loss"]
+    assert max_difference(weights(last_dir), saved) > 1e-3  # really other weights
+    assert f"The saved model is the final state (step {stop}, eval loss" in (last_dir / "README.md").read_text()
