@@ -182,6 +182,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, exact_mo
     two = run_processes(tmp_path, "two", recipe(tmp_path / "two", 4), 2)
 
     assert summary(two)["environment"]["processes"] == 2 and summary(one)["steps"] == summary(two)["steps"] == 4
+    assert "| batch size | 8 examples per optimizer step (4 per device × 1 accumulation × 2 processes) |" in (two / "README.md").read_text()
     assert max_difference(weights(one), weights(two)) < 1e-5
     for split in ("eval", "test"):
         a, b = summary(one)["metrics"][split], summary(two)["metrics"][split]
@@ -242,3 +243,88 @@ def test_early_stopping_on_loss_stops_where_it_should_and_keeps_the_best_weights
     assert last["metrics"]["eval"]["loss"] == history[-1]["loss"]
     assert max_difference(weights(last_dir), saved) > 1e-3  # really other weights
     assert f"The saved model is the final state (step {stop}, eval loss" in (last_dir / "README.md").read_text()
+
+
+# -- divergence ---------------------------------------------------------------------------------
+def test_a_diverging_run_stops_cleanly_and_resumes_from_a_good_checkpoint_at_a_lower_rate(tmp_path, exact_model):
+    data = data_dir(tmp_path / "data", train=32)
+    # Warm-up from 0: step 1 changes nothing, step 2 (lr 5e5) wrecks the weights, then the loss is NaN.
+    recipe = exact_recipe(exact_model, data, tmp_path / "run", train={"lr": 1e6, "warmup_steps": 2, "epochs": 2, "batch_size": 8},
+                          checkpoint={"every_steps": 1, "keep_last": 10})
+    path = testing.write_recipe(tmp_path / "diverge.yaml", recipe)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = result.output[result.output.index("Error: "):]
+    run_dir = tmp_path / "run"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    last = int(checkpoints[-1].split("-")[1])
+    # (How large the wrecked loss gets before it is NaN depends on the float summation order.)
+    assert message.startswith("Error: Training diverged: the training loss is ") and " and the gradient norm nan " in message
+    assert f"with the weights after step {last} of 8 (learning rate" in message
+    assert "Try a lower train.lr (now 1e+06), keep gradient clipping on (train.max_grad_norm), or use bf16 instead of fp16" in message
+    assert f"The last good checkpoint is {run_dir / 'checkpoints' / checkpoints[-2]}" in message
+    assert f"{run_dir / 'checkpoints' / checkpoints[-1]} holds the weights that gave this value: delete it first" in message
+    # Nothing presents the run as trained; everything it had is still there.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "logs", "recipe.yaml"]
+    assert all(math.isfinite(r["loss"]) for r in train_records(run_dir))  # the non-finite update was never taken
+
+    # Back to step 1 (whose update used lr 0), at a sane rate: the run finishes and says what happened.
+    for name in checkpoints[1:]:
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    resumed = CliRunner().invoke(main, ["run", str(path), "--resume", "--set", "train.lr=1e-3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "Resuming from" in resumed.output and checkpoints[0] in resumed.output
+    result = summary(run_dir)
+    assert result["steps"] == 8 and math.isfinite(result["metrics"]["test"]["loss"])
+    assert result["lr_changes"] == [{"step": 1, "from": 1e6, "to": 1e-3}]
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for record in records[1:]:  # the schedule's shape, at the new peak
+        assert record["lr"] == pytest.approx(closed_form(record["step"], 1e-3, 2, 8, "linear"), abs=1e-12)
+    assert "| learning rate | 1e+06, 0.001 from step 2 (set on resume) |" in (run_dir / "README.md").read_text()
+
+
+# -- mixed precision ----------------------------------------------------------------------------
+def test_bf16_autocast_changes_the_numbers_but_not_the_result(tmp_path, exact_model):
+    # If autocast were ignored, the bf16 run would be bit-identical to the fp32 one.
+    data = data_dir(tmp_path / "data", train=16)
+    fp32 = run(tmp_path, "fp32", exact_recipe(exact_model, data, tmp_path / "fp32", train={"batch_size": 8}))
+    bf16 = run(tmp_path, "bf16", exact_recipe(exact_model, data, tmp_path / "bf16", train={"batch_size": 8, "mixed_precision": "bf16"}))
+    difference = max_difference(weights(fp32), weights(bf16))
+    assert 1e-6 < difference < 1e-2
+    losses = [[r["loss"] for r in train_records(d)] for d in (fp32, bf16)]
+    assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], abs=2e-2)
+
+
+# -- what the card reports about time ------------------------------------------------------------
+def test_training_time_counts_steps_only_and_sums_over_sessions(tmp_path, exact_model, monkeypatch):
+    """A fake clock: each training forward takes 1 s, each evaluation and checkpoint 100 s."""
+    import finetune.training.loop as loop
+    from finetune.tasks.text_classification import TextClassification
+
+    clock = {"now": 0.0}
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock["now"]
+
+    def taking(seconds, function):
+        def timed(*args, **kwargs):
+            clock["now"] += seconds
+            return function(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(loop, "time", FakeTime)
+    monkeypatch.setattr(loop, "evaluate", taking(100, loop.evaluate))
+    monkeypatch.setattr(loop, "save_checkpoint", taking(100, loop.save_checkpoint))
+    monkeypatch.setattr(TextClassification, "training_step", taking(1, TextClassification.training_step))
+
+    data = data_dir(tmp_path / "data", train=20)  # 5 micro-batches of 4 per epoch, 3 windows of 2
+    recipe = exact_recipe(exact_model, data, tmp_path / "whole", train={"batch_size": 4, "grad_accum_steps": 2, "epochs": 2},
+                          eval={"every_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 5})
+    whole = run(tmp_path, "whole", recipe)
+    assert summary(whole)["train_seconds"] == 10.0  # 10 forward passes; no evaluation, no checkpoint
+    resumed = rewind(whole, tmp_path / "resumed", step=2)
+    run(tmp_path, "resumed", {**recipe, "output": {"dir": str(resumed)}}, "--resume")
+    assert summary(resumed)["train_seconds"] == 10.0  # 4 s before the checkpoint of step 2, 6 s after

@@ -252,6 +252,7 @@ def test_recipe_refuses_a_token_and_a_push_without_repo(tmp_path, sentiment_dir,
     assert result.exit_code == 1 and "hub: push is true but repo_id is missing; set hub.repo_id: user/name" in result.output
 
 
+@pytest.mark.slow
 def test_two_process_run_pushes_once_after_both_ranks_finish(tmp_path, pretrained_distilbert, sentiment_dir):
     body = testing.text_recipe(pretrained_distilbert, sentiment_dir, tmp_path / "run", "full", train={"max_steps": 4},
                                hub={"push": True, "repo_id": REPO})

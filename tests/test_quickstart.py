@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from finetune.cli import main
@@ -10,6 +11,7 @@ from finetune.cli import main
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quickstart_reaches_its_promised_accuracy(tmp_path):
     run_dir = tmp_path / "quickstart"
     result = CliRunner().invoke(main, ["run", str(REPO / "recipes" / "quickstart.yaml"), "--set", f"output.dir={run_dir}"])

@@ -195,6 +195,7 @@ def test_text_pairs_with_bert(tmp_path, bert_dir):
     assert "token_type_ids" in tokenizer_config["model_input_names"]
 
 
+@pytest.mark.slow
 def test_two_processes_keep_parameters_identical(recipe_file):
     path, run_dir = recipe_file("full", train={"max_steps": 6})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -360,6 +360,7 @@ def test_named_lora_targets_never_reach_the_frozen_vae(sd_dir, captions_dir, tmp
     assert len(adapted) == 8  # 4 transformer blocks × 2 attentions
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_step_and_write_the_samples_once(sd_dir, captions_dir, tmp_path):
     import subprocess
     import sys

@@ -90,6 +90,8 @@ class Trainer:
         checkpoint = latest_checkpoint(self.checkpoints)
         fresh_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]  # this recipe's peak rates
         self.state = load_checkpoint(self.accelerator, checkpoint)
+        if self.state.lr is None:  # a checkpoint from before lr was recorded: it ran at this recipe's rate
+            self.state.lr = self.recipe.train.lr
         if self.recipe.train.lr != self.state.lr:
             self._rescale_lr(fresh_lrs)
         if self.accelerator.is_main_process:

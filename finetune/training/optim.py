@@ -26,18 +26,16 @@ def build_optimizer(groups: list[dict], train: TrainSection, model=None):
 
 
 def no_weight_decay(model) -> set[int]:
-    """Ids of the parameters that any submodule names in `no_weight_decay()`, timm's convention
-    (a ViT's pos_embed and cls_token), as timm's own param_groups_weight_decay reads it."""
+    """Ids of the parameters that a submodule names in `no_weight_decay()` (timm's convention: a ViT's
+    pos_embed and cls_token), matched as timm's own param_groups_weight_decay does (names or wildcards)."""
+    from fnmatch import fnmatch
+
     exempt = set()
     for module in model.modules():
         names = getattr(module, "no_weight_decay", None)
-        if not callable(names):
-            continue
-        for name in names():
-            try:
-                exempt.add(id(module.get_parameter(name)))
-            except AttributeError:  # a name the model lists for variants it was not built with (dist_token)
-                continue
+        if callable(names):
+            patterns = list(names())
+            exempt |= {id(p) for name, p in module.named_parameters() if any(fnmatch(name, x) for x in patterns)}
     return exempt
 
 

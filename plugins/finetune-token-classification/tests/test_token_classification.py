@@ -130,6 +130,51 @@ def test_saved_models_reload_and_tag_as_the_run_did(runs, conll_style_data):
     assert torch.allclose(tag(merged, tokenizer)[1], adapter_logits, atol=1e-5)
 
 
+def test_accumulation_weighs_words_not_sentences(conll_style_data, tmp_path):
+    """Batch 4 × accumulation 2 equals batch 8 on a loss averaged over words: sentences differ in length,
+    so each micro-batch counts by its scored words (count_items), also in the short last window."""
+    from ner_sentences import vocabulary
+    from safetensors.torch import load_file
+
+    model = testing.tiny_text_model(tmp_path / "bert", "bert", words=vocabulary(), vocab_size=110, dropout=0.0)
+    finals = []
+    for name, train in (("large", {"batch_size": 8}), ("accumulated", {"batch_size": 4, "grad_accum_steps": 2})):
+        # 96 sentences less the 10 carved for eval: 86, so the last window holds 4 + 2 sentences.
+        recipe = ner_recipe(model, conll_style_data, tmp_path / name, train={"epochs": 1, "lr": 1e-3, "log_every_steps": 1, **train})
+        summary = testing.run_recipe(tmp_path / f"{name}.yaml", recipe)
+        assert summary.metrics["eval"]["loss"] > 0
+        finals.append((load_file(summary.model_dir / "model.safetensors"), summary.metrics))
+    (a, metrics_a), (b, metrics_b) = finals
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert metrics_a["test"]["loss"] == pytest.approx(metrics_b["test"]["loss"], rel=1e-5)
+
+
+def test_eval_loss_is_the_mean_over_scored_words(tiny_bert, conll_style_data, tmp_path):
+    """Evaluated in batches of 5, the test loss weighs each sentence by its scored words: it equals
+    transformers' own loss of the saved model over all 32 test sentences in one batch."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from finetune_token_classification.task import TokenClassification
+
+    recipe = ner_recipe(tiny_bert, conll_style_data, tmp_path / "run", train={"max_steps": 1, "eval_batch_size": 5})
+    summary = testing.run_recipe(tmp_path / "r.yaml", recipe)
+
+    task = TokenClassification(TokenClassification.Options(max_length=32))
+    splits = load_dataset("parquet", data_files={"train": str(conll_style_data / "train.parquet"),
+                                                 "test": str(conll_style_data / "test.parquet")})
+    splits = task.prepare_data(splits.rename_column("ner_tags", "tags"))
+    task.tokenizer = AutoTokenizer.from_pretrained(summary.model_dir)
+    test = task.preprocess(splits, None)["test"]
+    batch = task.collate([test[i] for i in range(len(test))])
+    model = AutoModelForTokenClassification.from_pretrained(summary.model_dir).eval()
+    with torch.no_grad():
+        reference = float(model(**batch).loss)
+    assert len(test) == 32 and summary.metrics["test"]["loss"] == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.slow
 def test_two_processes_gather_every_sentences_tags_once_in_order(tiny_bert, conll_style_data, tmp_path):
     """Tag lists of different lengths are gathered across processes as objects: one per sentence, in order."""
     recipe = ner_recipe(tiny_bert, conll_style_data, tmp_path / "run", task={"options": {"max_length": 64}},
@@ -196,6 +241,7 @@ def test_a_tag_unseen_in_training_is_refused():
         TokenClassification(TokenClassificationOptions()).prepare_data(splits)
 
 
+@pytest.mark.slow
 def test_the_tiny_recipe_runs_end_to_end_from_the_cli(tmp_path):
     """The shipped offline recipe on the real all-MiniLM-L6-v2: names never seen in training are found."""
     recipe = PLUGIN / "recipes" / "tiny-ner.yaml"
