@@ -78,6 +78,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     if "test" in processed:
         test_dl = accelerator.prepare(eval_loader(processed["test"], recipe, task))
         final["test"] = evaluate(accelerator, model, task, test_dl, metrics)
+    _refuse_non_finite(final)
 
     summary = {
         "metrics": {split: result.metrics for split, result in final.items()},
@@ -142,6 +143,21 @@ def _accelerator(recipe: Recipe):
             f"'{recipe.train.mixed_precision}' on the {'CPU' if cpu else 'GPU'}. Fix what accelerate names, or set "
             "train.mixed_precision: no."
         ) from None
+
+
+def _refuse_non_finite(final: dict) -> None:
+    """A model whose final evaluation is not finite is not presented as trained (the loop has already
+    stopped on a non-finite training or eval loss; this catches a test split that overflows)."""
+    import math
+
+    from finetune.errors import TrainingDiverged
+
+    for split, evaluation in final.items():
+        if not math.isfinite(evaluation.metrics["loss"]):
+            raise TrainingDiverged(
+                f"The final model's {split} loss is {evaluation.metrics['loss']}: no model or card was written. "
+                "Look for inputs that overflow (fp16: use bf16), or lower train.lr; the checkpoints are kept."
+            )
 
 
 def _freeze(task_model) -> None:
