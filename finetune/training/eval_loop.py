@@ -58,7 +58,7 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
 
     results = [None]
     if accelerator.is_main_process:
-        total = torch.cat(weighted_losses).sum(dim=0).double()
+        total = torch.cat(weighted_losses).double().sum(dim=0)
         results[0] = {"loss": float(total[0] / total[1]) if total[1] > 0 else float("nan")}
         if gathered["predictions"]:
             results[0].update(metrics.compute(gathered["predictions"], gathered["references"], gathered["scores"] or None))
