@@ -164,7 +164,7 @@ class Task(Protocol):
         them as given."""
 
     def metric_options(self) -> dict:
-        """Optional. Keyword arguments for every metric whose `_compute` accepts them; a classifier
+        """Optional, called after `prepare_data`. Keyword arguments for every metric whose `_compute` accepts them; a classifier
         returns `{"labels": list(range(num_classes))}` so that averaged metrics use the task's whole
         label set at every evaluation, whichever classes a split happens to hold. Default: {}."""
 
@@ -230,12 +230,17 @@ def write_samples_of(task, model, directory: Path) -> None:
         task.write_samples(model, directory)
 
 
+def batch_examples(batch: dict) -> int:
+    """The number of examples in a collated batch: the length of any of its tensors."""
+    return len(next(iter(batch.values())))
+
+
 def count_items_of(task, batch: dict):
     import torch
 
     if hasattr(task, "count_items"):
         return task.count_items(batch)
-    return torch.ones(len(next(iter(batch.values()))))
+    return torch.ones(batch_examples(batch))
 
 
 def metric_options_of(task) -> dict:

@@ -200,7 +200,8 @@ def limitations(run: RunRecord) -> list[str]:
     watched = stop.metric if stop else (metrics[0] if metrics else None)
     saved_step = summary.get("model_step", history[-1]["step"] if history else None)
     saved = next((row for row in history if row["step"] == saved_step), None)
-    if watched and saved and len(history) > 1:
+    keeps_best = stop is not None and stop.final_model == "best"  # then saved_weights() says which step and why
+    if watched and saved and len(history) > 1 and not keeps_best:
         minimise = stop.minimise if stop else lower_is_better(watched)
         best = (min if minimise else max)(history, key=lambda row: row[watched])
         if best[watched] != saved[watched]:

@@ -116,6 +116,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 def _accelerator(recipe: Recipe):
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedType
     from accelerate.state import AcceleratorState
 
     from finetune.errors import FinetuneError
@@ -132,7 +133,7 @@ def _accelerator(recipe: Recipe):
         )
     try:
         # Accumulation is done by the training loop (exact on a short last window), not by accelerate.
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision=recipe.train.mixed_precision,
             cpu=cpu,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
@@ -143,6 +144,13 @@ def _accelerator(recipe: Recipe):
             f"'{recipe.train.mixed_precision}' on the {'CPU' if cpu else 'GPU'}. Fix what accelerate names, or set "
             "train.mixed_precision: no."
         ) from None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Its engine steps inside backward at every micro-batch unless told the window; not wired up yet.
+        raise FinetuneError(
+            "DeepSpeed is not supported by finetune's training loop yet; launch with DDP (finetune run --processes N, "
+            "torchrun, or an accelerate config without deepspeed_config)."
+        )
+    return accelerator
 
 
 def _refuse_non_finite(final: dict) -> None:

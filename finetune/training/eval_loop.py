@@ -58,13 +58,27 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
 
     results = [None]
     if accelerator.is_main_process:
-        total = torch.cat(weighted_losses).double().sum(dim=0)
-        results[0] = {"loss": float(total[0] / total[1]) if total[1] > 0 else float("nan")}
-        if gathered["predictions"]:
-            results[0].update(metrics.compute(gathered["predictions"], gathered["references"], gathered["scores"] or None))
+        try:
+            results[0] = _compute(torch.cat(weighted_losses).double().sum(dim=0), gathered, metrics)
+        except Exception as exc:  # sent to the other ranks too: they must not wait for results that never come
+            results[0] = exc
     if accelerator.num_processes > 1:
         broadcast_object_list(results)
+    if isinstance(results[0], BaseException):
+        raise results[0]
     return Evaluation(results[0], gathered["predictions"], gathered["references"])
+
+
+def _compute(total, gathered: dict, metrics) -> dict:
+    if total[1] == 0:
+        raise FinetuneError(
+            "The evaluation split has nothing to score: every example's count_items is 0 (a token-level task whose "
+            "labels were all cut by max_length or ignored?). Raise the task's max_length or check the labels."
+        )
+    results = {"loss": float(total[0] / total[1])}
+    if gathered["predictions"]:
+        results.update(metrics.compute(gathered["predictions"], gathered["references"], gathered["scores"] or None))
+    return results
 
 
 def _per_example(loss, examples: int):

@@ -7,8 +7,10 @@ and maybe stops, on the schedule the recipe gives. The task supplies `training_s
 `eval_step`, `collate`, and optionally `count_items`.
 
 Every loss is weighted by its items (examples, or labelled tokens) over the whole window on
-every process, so batch b × accumulation k × N processes trains exactly as one batch of b·k·N
-would, also on an epoch's short last window (transformers' `num_items_in_batch` fix).
+every process, so batch b × accumulation k trains exactly as one batch of b·k would, also on an
+epoch's short last window (transformers' `num_items_in_batch` fix), and N processes as one
+batch N times larger. (Under N processes accelerate completes an epoch's last batch with examples
+from its start, `even_batches`: those are trained twice, as in any accelerate or Trainer run.)
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.api import count_items_of, parameter_groups_of
+from finetune.api import batch_examples, count_items_of, parameter_groups_of
 from finetune.errors import FinetuneError, TrainingDiverged
 from finetune.recipe import Recipe
-from finetune.training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.training.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from finetune.training.eval_loop import Evaluation, eval_loader, evaluate
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.state import TrainerState
@@ -90,9 +92,10 @@ class Trainer:
         checkpoint = latest_checkpoint(self.checkpoints)
         fresh_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]  # this recipe's peak rates
         self.state = load_checkpoint(self.accelerator, checkpoint)
-        if self.state.lr is None:  # a checkpoint from before lr was recorded: it ran at this recipe's rate
-            self.state.lr = self.recipe.train.lr
-        if self.recipe.train.lr != self.state.lr:
+        restored = [group["initial_lr"] for group in self.optimizer.param_groups]
+        if self.state.lr is None:  # a checkpoint from before the rate was recorded
+            self.state.lr = restored[0]
+        if restored != fresh_lrs and self.state.step < self.total_steps:
             self._rescale_lr(fresh_lrs)
         if self.accelerator.is_main_process:
             truncate_steplog(self.steplog, self.state.step)
@@ -114,7 +117,7 @@ class Trainer:
         state, acc, t, ev, ck = self.state, self.accelerator, self.recipe.train, self.recipe.eval, self.recipe.checkpoint
         self.log = StepLog(self.steplog, acc.is_main_process)
         self.bar = tqdm(total=self.total_steps, initial=state.step, desc="Training", unit="step", disable=not acc.is_main_process)
-        window = _LogWindow()
+        self.window = window = _LogWindow()
         last_eval = None  # the loop always evaluates its final state; the caller reuses that
         self.model.train()
         for epoch in range(state.epoch, self.epochs):
@@ -136,8 +139,9 @@ class Trainer:
                 self.bar.update(1)
 
                 step = state.step
+                window.progress = progress
                 if step % t.log_every_steps == 0 or step == self.total_steps:
-                    self._log(window.flush(step, progress, update))
+                    self._log(window.flush(step))
                 end_of_epoch = state.batches_in_epoch == 0
                 evaluated = (ev.every_steps and step % ev.every_steps == 0) or (not ev.every_steps and end_of_epoch) \
                     or step == self.total_steps
@@ -146,14 +150,20 @@ class Trainer:
                     last_eval, improved = self._evaluate(progress)
                 if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated) \
                         or (improved and self.keep_best):
+                    self._flush_log()  # a log line never spans a checkpoint: a resumed run logs the same lines
                     save_checkpoint(acc, self.checkpoints, state, ck.keep_last, state.best_step if self.keep_best else None)
                 if self._finished():
                     break
+        self._flush_log()  # an early stop between log steps
         self.bar.close()
         self.log.close()
         if last_eval is None:  # resumed after the last step: nothing was trained, evaluate once
             last_eval = evaluate(acc, self.model, self.task, self.eval_dl, self.metrics)
         return self._final(last_eval)
+
+    def _flush_log(self) -> None:
+        if self.window.updates:
+            self._log(self.window.flush(self.state.step))
 
     def _finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stopped_early
@@ -177,6 +187,8 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):  # gradients sync once per window
                 loss = self.task.training_step(self.model, batch)["loss"]
+                # A micro-batch without items (every token ignored) has a NaN mean: it counts for nothing.
+                loss = torch.where(items[i] > 0, loss, torch.zeros_like(loss))
                 acc.backward(loss * items[i] * scale)
             loss_sum += loss.detach().float() * items[i]
         max_norm = self.recipe.train.max_grad_norm or math.inf  # inf: measured, not clipped
@@ -190,7 +202,7 @@ class Trainer:
         if self.optimizer.step_was_skipped:
             self.state.skipped_steps += 1
         self.state.step += 1
-        examples = sum(len(next(iter(b.values()))) for b in micro_batches) * acc.num_processes
+        examples = sum(batch_examples(b) for b in micro_batches) * acc.num_processes
         return _Update(loss_sum, total, examples, lr, grad_norm)
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
@@ -206,8 +218,6 @@ class Trainer:
 
         The weights of step N are the ones that gave the non-finite value; a checkpoint of step N
         holds them, so the advice points before it."""
-        from finetune.training.checkpoint import list_checkpoints
-
         step, lr = self.state.step, self.optimizer.param_groups[0]["lr"]
         suspect = checkpoint_dir(self.checkpoints, step)
         good = [c for c in list_checkpoints(self.checkpoints) if c != suspect]
@@ -238,7 +248,8 @@ class Trainer:
         self.state.history.append({"step": step, "epoch": round(progress, 4), **results})
         self.log.write({"step": step, "eval": results})
         if self.accelerator.is_main_process:
-            self.bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+            self.bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in results.items()))
         return evaluation, self._update_early_stopping(results)
 
     def _update_early_stopping(self, results: dict) -> bool:
@@ -287,16 +298,24 @@ class _LogWindow:
     """Loss and throughput of the updates since the last log line (training time only)."""
 
     def __init__(self):
-        self.loss_sum, self.items, self.examples, self.seconds = 0.0, 0.0, 0, 0.0
+        self.loss_sum, self.items, self.examples, self.seconds, self.updates = 0.0, 0.0, 0, 0.0, 0
+        self.last: _Update | None = None
+        self.progress = 0.0  # epochs done, as a fraction
 
     def add(self, update: _Update, seconds: float) -> None:
         self.loss_sum += float(update.loss_sum)
         self.items += float(update.items)
         self.examples += update.examples
         self.seconds += seconds
+        self.updates += 1
+        self.last = update
 
-    def flush(self, step: int, epoch: float, last: _Update) -> dict:
-        record = {"step": step, "epoch": round(epoch, 4), "loss": self.loss_sum / max(self.items, 1.0), "lr": last.lr,
-                  "grad_norm": last.grad_norm, "examples_per_s": self.examples / max(self.seconds, 1e-9)}
+    def flush(self, step: int) -> dict:
+        grad_norm = self.last.grad_norm
+        record = {"step": step, "epoch": round(self.progress, 4), "loss": self.loss_sum / max(self.items, 1.0),
+                  "lr": self.last.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                  "examples_per_s": self.examples / max(self.seconds, 1e-9)}
+        progress = self.progress
         self.__init__()
+        self.progress = progress
         return record

@@ -26,7 +26,7 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
     """Every evaluation: step, epoch and metrics."""
     lr: float | None = None
-    """The peak learning rate in force (train.lr); a resume may lower it."""
+    """The peak learning rate in force (train.lr); a resume may change it."""
     lr_changes: list[dict] = field(default_factory=list)
     """Resumes that changed train.lr: {"step", "from", "to"}."""
 
