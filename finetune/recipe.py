@@ -131,7 +131,7 @@ class TrainSection(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision (fp16 needs a GPU).")
     seed: int = Field(42, description="Seeds data order, initialisation and dropout: the same recipe gives the same run.")
-    log_every_steps: int = Field(10, ge=1, description="Write a line to logs/steps.jsonl every N optimizer steps.")
+    log_every_steps: int = Field(10, ge=1, description="Write a line to logs/steps.jsonl every N optimizer steps (and at each checkpoint).")
     dataloader_workers: int = Field(
         0, ge=0, description="Worker processes that load and transform batches (image decoding, augmentation); 0 loads in the training process."
     )

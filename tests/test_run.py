@@ -1,13 +1,10 @@
 """End-to-end `finetune run` on a tiny model: every method, reloading in the ecosystem's own
-tools, resuming after a crash, feature extraction's frozen backbone, two-process training."""
+tools, resuming after a crash, feature extraction's frozen backbone (several processes: test_numbers.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -193,21 +190,6 @@ def test_text_pairs_with_bert(tmp_path, bert_dir):
     assert summary["split_sizes"] == {"train": 86, "eval": 10}
     tokenizer_config = json.loads((tmp_path / "run" / "model" / "tokenizer_config.json").read_text())
     assert "token_type_ids" in tokenizer_config["model_input_names"]
-
-
-@pytest.mark.slow
-def test_two_processes_keep_parameters_identical(recipe_file):
-    path, run_dir = recipe_file("full", train={"max_steps": 6})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "finetune", "run", str(path), "--processes", "2"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["environment"]["processes"] == 2
-    first, second = summary["rank_checksums"]
-    assert first == second
 
 
 def test_bf16_mixed_precision_on_cpu(recipe_file):
