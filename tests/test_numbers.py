@@ -159,23 +159,9 @@ def test_resume_in_the_middle_of_epoch_two_is_bit_identical(tmp_path, distilbert
     assert summary(resumed)["train_seconds"] > 0.0 and state["train_seconds"] > 0.0
 
 
-@pytest.mark.slow
-def test_resume_of_a_two_process_run_is_bit_identical(tmp_path, exact_model):
-    data = data_dir(tmp_path / "data", train=16)
-    recipe = exact_recipe(exact_model, data, tmp_path / "whole", train={"batch_size": 4, "epochs": 1},
-                          eval={"every_steps": 1}, checkpoint={"every_steps": 1, "keep_last": 2})
-    whole = run_processes(tmp_path, "whole", recipe, 2)
-    resumed = rewind(whole, tmp_path / "resumed", step=1)
-    run_processes(tmp_path, "resumed", {**recipe, "output": {"dir": str(resumed)}}, 2, "--resume")
-    a, b = weights(whole), weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert summary(whole)["metrics"] == summary(resumed)["metrics"]
-    assert summary(whole)["rank_checksums"] == summary(resumed)["rank_checksums"]
-
-
 # -- several processes --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, exact_model):
+def test_two_processes_equal_one_process_with_twice_the_batch_and_resume_bit_identically(tmp_path, exact_model):
     # 16 training examples: 2 × batch 4 covers the same 8 examples per step as 1 × batch 8. The eval
     # split of 15 and the test split of 9 leave a last batch that accelerate completes with repeated
     # examples on one process; they must not count.
@@ -202,6 +188,14 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, exact_mo
     for a, b in zip(train_records(one), train_records(two), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["lr"] == b["lr"] == pytest.approx(closed_form(a["step"], 1e-3, 1, 4, "linear"), abs=1e-12)
+
+    # Resuming the 2-process run from its checkpoint of step 3 (mid-epoch 2) ends bit-identical.
+    resumed = rewind(two, tmp_path / "resumed", step=3)
+    run_processes(tmp_path, "resumed", {**recipe(two, 4), "output": {"dir": str(resumed)}}, 2, "--resume")
+    a, b = weights(two), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary(two)["metrics"] == summary(resumed)["metrics"]
+    assert summary(two)["rank_checksums"] == summary(resumed)["rank_checksums"]
 
 
 # -- early stopping -----------------------------------------------------------------------------
