@@ -164,9 +164,10 @@ class Task(Protocol):
         them as given."""
 
     def metric_options(self) -> dict:
-        """Optional, called after `prepare_data`. Keyword arguments for every metric whose `_compute` accepts them; a classifier
-        returns `{"labels": list(range(num_classes))}` so that averaged metrics use the task's whole
-        label set at every evaluation, whichever classes a split happens to hold. Default: {}."""
+        """Optional, called after `prepare_data`. Keyword arguments for every metric whose `_compute`
+        accepts them; a classifier returns `{"labels": list(range(num_classes))}` so that averaged
+        metrics use the task's whole label set at every evaluation, whichever classes a split happens
+        to hold. Default: {}."""
 
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
         """Optional. Generate from the trained `model` what a reader should see of it (a text-to-image

@@ -25,15 +25,14 @@ class Metrics:
 
     def __init__(self, names: list[str], options: dict | None = None):
         self.names = names
-        self.options = options or {}
         self._modules = [_load(name) for name in names]
+        self._options = [_accepted(module, options or {}) for module in self._modules]
 
     def compute(self, predictions, references, scores=None) -> dict[str, float]:
         """`scores` (per-class scores per example) go to the metrics whose input is
         `prediction_scores`, as evaluate's own roc_auc names it; the others get the predicted ids."""
         results: dict[str, float] = {}
-        for name, module in zip(self.names, self._modules):
-            options = _accepted(module, self.options)
+        for name, module, options in zip(self.names, self._modules, self._options):
             if _wants_scores(module):
                 if scores is None:
                     raise FinetuneError(

@@ -35,8 +35,9 @@ def save_checkpoint(accelerator, directory: Path, state: TrainerState, keep_last
         (tmp / STATE_FILE).write_text(state.to_json())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the commit point: atomic on POSIX
+        kept = checkpoint_dir(directory, protected) if protected is not None else None
         for old in list_checkpoints(directory)[:-keep_last]:
-            if old != checkpoint_dir(directory, protected if protected is not None else -1):
+            if old != kept:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
