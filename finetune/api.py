@@ -14,7 +14,11 @@ A plugin is a class, registered under an entry point (a metric is an `evaluate` 
 The core creates one instance per run, passing the plugin's validated `Options`, and calls
 the members below in this order. A task knows its data, its model and its loss; a method
 knows how to make a model trainable. Neither knows the other's internals: a method sees a
-`TaskModel`, which names the head modules, the frozen ones and the default LoRA targets.
+`TaskModel`, which names the head modules, the frozen ones and the modules an adapter may target.
+
+Optional members have their default in `BaseTask` / `BaseMethod`. A plugin may inherit them (or a
+public task base such as `finetune.transformers_models.TransformersClassifier`); one that does not
+gets them all the same: the registry adds the base class when it loads the plugin.
 """
 
 from __future__ import annotations
@@ -38,14 +42,13 @@ class TaskModel:
     model: torch.nn.Module
     head: list[str]
     """Qualified names of the modules that are new for this task (a classifier): always trained and saved."""
-    lora_targets: list[str]
-    """Default module names for LoRA when the recipe names none."""
+    adapter_targets: list[str]
+    """The modules an adapter method (LoRA) may target when the recipe names none: the attention
+    projections of a transformer, the convolutions of a CNN. Names as peft matches them (suffixes)."""
     frozen: list[str] = field(default_factory=list)
     """Qualified names of pretrained modules that are never trained (a diffusion pipeline's VAE and
     text encoder): the core freezes them after any method's `prepare`, holds them in eval mode and
     keeps them out of the optimizer; a method should not put adapters inside them."""
-    peft_task_type: str | None = None
-    """peft TaskType (e.g. SEQ_CLS) so that peft's Auto classes can reload the adapter."""
     hub_id: str | None = None
     """The Hub repo the pretrained weights came from, when model.name does not say it plainly
     (timm's `resnet50.a1_in1k` is `timm/resnet50.a1_in1k`); None: model.name, unless it is local."""
@@ -66,6 +69,8 @@ class CardInfo:
     sections: list[str] = field(default_factory=list)
     """Markdown blocks shown after the results (per-class tables, sample grids). Pictures are written
     to `run.images_dir` and embedded as `![caption](images/NAME.png)`."""
+    data_sections: list[str] = field(default_factory=list)
+    """Markdown blocks shown in the card's Data section, after the sources (a label count per split)."""
     template: str | None = None
     """Path of the plugin's own Jinja template, used instead of cards/model_card.md."""
     limitations: list[str] = field(default_factory=list)
@@ -83,6 +88,13 @@ class Artifact:
     subfolder: str | None = None
     """The folder inside `location` that holds it (a Hub repo with both an adapter and a merged model)."""
 
+    def loader_arguments(self) -> str:
+        """The arguments a `from_pretrained` call in a card snippet takes to load it: `"RUN/model"`,
+        or `"user/repo", subfolder="adapter"`."""
+        import json
+
+        return json.dumps(self.location) + (f', subfolder="{self.subfolder}"' if self.subfolder else "")
+
 
 @dataclass
 class RunRecord:
@@ -99,9 +111,9 @@ class RunRecord:
     """logs/steps.jsonl: training-loss records and evaluation records, in order."""
 
     @property
-    def labels(self) -> list[str] | None:
-        """Class names, for tasks whose stratify column is a ClassLabel."""
-        return self.summary.get("data", {}).get("labels")
+    def task_facts(self) -> dict:
+        """What the task recorded about the data (Task.data_facts): its class names, counts, skipped rows."""
+        return self.summary.get("data", {}).get("task", {})
 
     @property
     def images_dir(self) -> Path:
@@ -113,8 +125,60 @@ class RunRecord:
         return self.root / "samples"
 
 
+class BaseTask:
+    """The optional members of a task, with their defaults: inherit it, and override what you need."""
+
+    def data_facts(self) -> dict:
+        """What the task found in the data worth recording (class names and counts per split, rows dropped
+        and why, files skipped), stored in metrics.json under `data.task` for the card (`RunRecord.task_facts`).
+        Called once, after training. Default: {}."""
+        return {}
+
+    def count_items(self, batch: dict) -> torch.Tensor:
+        """How many items each example's loss averages over, one count per example: the labelled tokens
+        of a sentence for a token-level loss. The core weights every loss by these counts, so that
+        accumulated micro-batches and several processes give the loss (and gradient) of one large batch,
+        as transformers' `num_items_in_batch` does. Default: 1 per example."""
+        import torch
+
+        return torch.ones(batch_examples(batch))
+
+    def metric_options(self) -> dict:
+        """Keyword arguments for every metric whose `_compute` accepts them, called after `prepare_data`; a
+        classifier returns `{"labels": list(range(num_classes))}` so that averaged metrics use the task's
+        whole label set at every evaluation, whichever classes a split happens to hold. Default: {}."""
+        return {}
+
+    def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
+        """Generate from the trained `model` what a reader should see of it (a text-to-image model's images
+        for the recipe's prompts, with fixed seeds) into `directory` (the run's samples/), for the card.
+        Called once, on the main process, after the final evaluation. Default: nothing."""
+
+
+class BaseMethod:
+    """The optional members of a method, with their defaults: inherit it, and override what you need."""
+
+    title: ClassVar[str] = "a fine-tune"
+    """How the card names the result: "This model is **a LoRA adapter** of `base`"."""
+
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        """The trainable parameters of the prepared `model`, grouped for the optimizer:
+        `[{"params": [...]}, {"params": [...], "lr": 1e-5}]`; a group without "lr" uses train.lr.
+        The core splits every group again for weight decay. Default: one group of every parameter
+        that requires a gradient."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def frozen_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Modules of the prepared `model` that this method keeps as they are: the core gives them no
+        gradient and holds them in eval mode throughout training (dropout off, batch-norm statistics
+        fixed), as it does the task's `TaskModel.frozen`. Default: none."""
+        return []
+
+
 @runtime_checkable
 class Task(Protocol):
+    """A task plugin, for type checking; members marked optional default to BaseTask's."""
+
     Options: ClassVar[type[BaseModel]]
     """Pydantic model of the recipe's `task.options` (use extra="forbid")."""
     methods: ClassVar[tuple[str, ...] | None]
@@ -131,10 +195,6 @@ class Task(Protocol):
 
         Raise finetune.errors.DataError with a message naming the column or file on bad data."""
 
-    def data_facts(self) -> dict:
-        """Optional. What `prepare_data` found worth recording (rows dropped and why, files skipped),
-        stored in metrics.json under `data.task` for the card; {} when there is nothing to say."""
-
     def build_model(self, source: str, revision: str | None) -> TaskModel:
         """Load the pretrained backbone from `source` (Hub id or local directory) and add the task's head."""
 
@@ -148,12 +208,6 @@ class Task(Protocol):
         """Forward pass; return a dict holding at least `loss`: the mean over the batch's items
         (see `count_items`), as a transformers model's `.loss` is."""
 
-    def count_items(self, batch: dict) -> torch.Tensor:
-        """Optional. How many items each example's loss averages over, one count per example: the
-        labelled tokens of a sentence for a token-level loss. The core weights every loss by these
-        counts, so that accumulated micro-batches and several processes give the loss (and gradient)
-        of one large batch, as transformers' `num_items_in_batch` does. Default: 1 per example."""
-
     def eval_step(self, model: torch.nn.Module, batch: dict) -> dict:
         """Forward pass without gradients; return `loss`, a tensor with one value per example (its mean
         over its items, see `count_items`), so that an evaluation under several processes drops the
@@ -163,17 +217,6 @@ class Task(Protocol):
         example of any length (a sentence's tags), gathered as Python objects; predictions.json stores
         them as given."""
 
-    def metric_options(self) -> dict:
-        """Optional, called after `prepare_data`. Keyword arguments for every metric whose `_compute`
-        accepts them; a classifier returns `{"labels": list(range(num_classes))}` so that averaged
-        metrics use the task's whole label set at every evaluation, whichever classes a split happens
-        to hold. Default: {}."""
-
-    def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
-        """Optional. Generate from the trained `model` what a reader should see of it (a text-to-image
-        model's images for the recipe's prompts, with fixed seeds) into `directory` (the run's samples/),
-        for the card. Called once, on the main process, after the final evaluation."""
-
     def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
         """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
 
@@ -181,9 +224,17 @@ class Task(Protocol):
         """Card metadata, a usage snippet for `artifact`, and task-specific sections, from the
         finished `run` alone (it may be a copy on another machine: keep no state from training)."""
 
+    # Optional: see BaseTask.
+    def data_facts(self) -> dict: ...
+    def count_items(self, batch: dict) -> torch.Tensor: ...
+    def metric_options(self) -> dict: ...
+    def write_samples(self, model: torch.nn.Module, directory: Path) -> None: ...
+
 
 @runtime_checkable
 class Method(Protocol):
+    """A method plugin, for type checking; members marked optional default to BaseMethod's."""
+
     Options: ClassVar[type[BaseModel]]
     """Pydantic model of the recipe's `method.options`."""
     produces_adapter: ClassVar[bool]
@@ -194,41 +245,13 @@ class Method(Protocol):
     def prepare(self, task_model: TaskModel) -> torch.nn.Module:
         """Make the model trainable this method's way; return the module to train."""
 
-    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
-        """Optional. The trainable parameters of the prepared `model`, grouped for the optimizer:
-        `[{"params": [...]}, {"params": [...], "lr": 1e-5}]`; a group without "lr" uses train.lr.
-        The core splits every group again for weight decay. Default: one group of every parameter
-        that requires a gradient."""
-
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         """Fold an adapter into its base model (adapter methods only)."""
 
-
-PUBLIC_MODULES = (
-    "finetune.api",  # this contract
-    "finetune.errors",  # DataError, FinetuneError: shown to the user as one clean message
-    "finetune.testing",  # tiny models and data, run_recipe, check_conformance
-    "finetune.evaluation",  # Metrics: load and compute metrics by name, as a run does
-    "finetune.columns",  # require_columns: a missing column named, with the data.columns fix
-    "finetune.labels",  # encode_labels: a label column to a checked ClassLabel
-    "finetune.images",  # open_image, check_images
-    "finetune.reports",  # classification_sections: per-class table and confusion matrix for a card
-    "finetune.transformers_models",  # classifier_task_model, head_modules, lora_targets, adapter_snippet
-)
-"""The modules a plugin may import. The rest of finetune is internal and may change."""
-
-_CONTRACTS = {"task": Task, "method": Method}
-OPTIONAL = {"task": ("data_facts", "write_samples", "count_items", "metric_options"), "method": ("parameter_groups",)}
-"""Members a plugin may leave out; the core then does what their docstrings call the default."""
-
-
-def data_facts_of(task) -> dict:
-    return task.data_facts() if hasattr(task, "data_facts") else {}
-
-
-def write_samples_of(task, model, directory: Path) -> None:
-    if hasattr(task, "write_samples"):
-        task.write_samples(model, directory)
+    # Optional: see BaseMethod.
+    title: ClassVar[str]
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]: ...
+    def frozen_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]: ...
 
 
 def batch_examples(batch: dict) -> int:
@@ -236,22 +259,34 @@ def batch_examples(batch: dict) -> int:
     return len(next(iter(batch.values())))
 
 
-def count_items_of(task, batch: dict):
-    import torch
+PUBLIC_MODULES = (
+    "finetune.api",  # this contract
+    "finetune.errors",  # DataError, FinetuneError: shown to the user as one clean message
+    "finetune.testing",  # tiny models and data, run_recipe, check_conformance
+    "finetune.metrics",  # Metrics: load and compute metrics by name, as a run does
+    "finetune.columns",  # require_columns: a missing column named, with the data.columns fix
+    "finetune.labels",  # encode_labels: a label column to a checked ClassLabel
+    "finetune.images",  # open_image, check_images
+    "finetune.reports",  # classification_sections: per-class table and confusion matrix for a card
+    "finetune.modules",  # is_within: whether a parameter or module lies inside given modules
+    "finetune.transformers_models",  # TransformersClassifier: the base of text and token classification
+)
+"""The modules a plugin may import. The rest of finetune is internal and may change."""
 
-    if hasattr(task, "count_items"):
-        return task.count_items(batch)
-    return torch.ones(batch_examples(batch))
+_CONTRACTS = {"task": Task, "method": Method}
+_BASES = {"task": BaseTask, "method": BaseMethod}
+OPTIONAL = {kind: tuple(n for n in vars(base) if not n.startswith("_")) for kind, base in _BASES.items()}
+"""Members a plugin may leave out: the ones BaseTask / BaseMethod define."""
 
 
-def metric_options_of(task) -> dict:
-    return task.metric_options() if hasattr(task, "metric_options") else {}
-
-
-def parameter_groups_of(method, model) -> list[dict]:
-    if hasattr(method, "parameter_groups"):
-        return method.parameter_groups(model)
-    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+def with_defaults(plugin: type, kind: str) -> type:
+    """`plugin`, inheriting the optional members' defaults if it does not already: the core then calls
+    every member directly. The subclass keeps the plugin's name and module (its errors name the plugin)."""
+    base = _BASES[kind]
+    if issubclass(plugin, base):
+        return plugin
+    return type(plugin.__name__, (plugin, base), {"__module__": plugin.__module__, "__qualname__": plugin.__qualname__,
+                                                 "__doc__": plugin.__doc__})
 
 
 def check_plugin(plugin: Any, kind: str) -> list[str]:
@@ -260,9 +295,10 @@ def check_plugin(plugin: Any, kind: str) -> list[str]:
     if not inspect.isclass(plugin):
         return [f"the entry point must name a class, not {type(plugin).__name__} {plugin!r}"]
     problems = []
-    for member in [m for m in _members(contract) if m not in OPTIONAL[kind]]:
+    for member in _members(contract):
         if not hasattr(plugin, member):
-            problems.append(f"missing member '{member}'")
+            if member not in OPTIONAL[kind]:
+                problems.append(f"missing member '{member}'")
         elif inspect.isfunction(vars(contract).get(member)) and not callable(getattr(plugin, member)):
             problems.append(f"'{member}' must be a method")
     options = getattr(plugin, "Options", None)

@@ -7,23 +7,17 @@ The same renderer writes the card pushed to the Hub; there the usage snippet loa
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import finetune
 from finetune import figures, plugins
 from finetune.api import Artifact, CardInfo, RunRecord
 from finetune.recipe import lower_is_better
-from finetune.rundir import RunLayout, read_run, write_atomic
+from finetune.files import write_text
+from finetune.rundir import RunLayout, read_run
 
-METHOD_TITLES = {
-    "full": "a full fine-tune",
-    "feature-extraction": "a trained head on the frozen features",
-    "lora": "a LoRA adapter",
-}
 CURVES = "training-curves.png"
 SMALL_SPLIT = 100  # fewer evaluation examples than this: the card warns how uncertain the metrics are
-IMBALANCE = 3.0  # most / least frequent training class above this: the card warns
 
 
 def cards_dir() -> Path:
@@ -39,18 +33,19 @@ def write_card(root: Path) -> Path:
     """(Re)write README.md and its pictures from what the run directory holds."""
     run = read_run(root)
     layout = RunLayout(run.root)
-    write_atomic(layout.card, render_card(run, local_artifacts(run)))
+    write_text(layout.card, render_card(run, local_artifacts(run)))
     return layout.card
 
 
-def produces_adapter(run: RunRecord) -> bool:
-    return plugins.load(plugins.METHODS, run.recipe.method.name).produces_adapter
+def method_of(run: RunRecord):
+    """The run's method plugin (its class: what it says of itself, not a trained instance)."""
+    return plugins.load(plugins.METHODS, run.recipe.method.name)
 
 
 def local_artifacts(run: RunRecord) -> list[Artifact]:
     """The run's model, then its merged copy when the run wrote one."""
     layout = RunLayout(run.root)
-    adapter = produces_adapter(run)
+    adapter = method_of(run).produces_adapter
     artifacts = [Artifact(str(layout.model), adapter=adapter)]
     if adapter and layout.merged.is_dir():
         artifacts.append(Artifact(str(layout.merged), adapter=False))
@@ -76,18 +71,17 @@ def render_card(run: RunRecord, artifacts: list[Artifact]) -> str:
         base_model=base["name"],
         base_model_link=f"https://huggingface.co/{base['hub_id']}" if base.get("hub_id") else None,
         method=recipe.method.name,
-        method_title=METHOD_TITLES.get(recipe.method.name, f"a `{recipe.method.name}` fine-tune"),
+        method_title=method_of(run).title,
         description=info.description,
         usage=info.usage,
         more_usage=[(a, i.usage) for a, i in zip(artifacts[1:], infos[1:])],
         sections=info.sections,
+        data_sections=info.data_sections,
         results=summary["metrics"],
         split_sizes=summary["split_sizes"],
         trainable_params=summary["parameters"]["trainable"],
         total_params=summary["parameters"]["total"],
         data=_data_description(run),
-        labels=run.labels,
-        label_counts=summary.get("data", {}).get("label_counts"),
         steps=summary["steps"],
         skipped_steps=summary.get("skipped_steps", 0),
         saved_weights=saved_weights(run),
@@ -168,23 +162,12 @@ def limitations(run: RunRecord) -> list[str]:
     """What this run itself shows a reader should be careful about."""
     summary, recipe = run.summary, run.recipe
     notes = []
-    for split, values in summary["metrics"].items():
+    for split in summary["metrics"]:
         n = summary["split_sizes"].get(split, 0)
         if 0 < n < SMALL_SPLIT:
-            note = f"The {split} split has only {n} examples"
-            if "accuracy" in values:
-                low, high = _wilson_interval(values["accuracy"], n)
-                note += f": its accuracy of {values['accuracy']:.3f} could well be anywhere from {low:.3f} to {high:.3f} (95% Wilson interval)"
-            notes.append(note + ".")
-    counts = summary.get("data", {}).get("label_counts", {}).get("train")
-    if counts and min(counts.values()) > 0 and max(counts.values()) / min(counts.values()) >= IMBALANCE:
-        most, least = max(counts, key=counts.get), min(counts, key=counts.get)
-        notes.append(
-            f"The training classes are imbalanced ('{most}': {counts[most]}, '{least}': {counts[least]} examples): "
-            "overall accuracy flatters the frequent classes; read the per-class results."
-        )
+            notes.append(f"The {split} split has only {n} examples: its metrics are rough estimates.")
     base = summary.get("base_model", {})
-    if produces_adapter(run) and base.get("origin", "hub") != "hub":
+    if method_of(run).produces_adapter and base.get("origin", "hub") != "hub":
         notes.append(
             f"The base model was loaded from a local folder ({base['name']}), and the adapter refers to its base by "
             "that path (peft's adapter_config.json, the usage snippet): elsewhere, point it at the same weights."
@@ -223,13 +206,6 @@ def saved_weights(run: RunRecord) -> str | None:
         return (f"step {step}, the best evaluation (eval {stop.metric} {row[stop.metric]:.4f}), not the last one "
                 f"(step {last}): eval.early_stopping.final_model is `best`.")
     return f"step {step}, the last step" + (", which was also the best evaluation." if summary.get("best_step") == step else ".")
-
-
-def _wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% interval of a proportion; unlike p ± z·√(p(1-p)/n) it does not collapse at 0 or 1."""
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _hyperparameters(run: RunRecord) -> dict:

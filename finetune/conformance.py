@@ -1,5 +1,6 @@
-"""The conformance check for plugin authors (exported by `finetune.testing`): a task plugin, as
-installed, is put through the contract and a short real run under each method it declares.
+"""The conformance check for plugin authors, and running recipes inside a test (both exported by
+`finetune.testing`): a task plugin, as installed, is put through the contract and a short real
+run under each method it declares.
 
 Every problem found is collected and reported at once, each saying which member or file is at
 fault; a failing run names the plugin's own line that raised.
@@ -14,8 +15,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from finetune import plugins
-from finetune.api import OPTIONAL
 from finetune.errors import FinetuneError
 
 
@@ -26,6 +28,31 @@ class ConformanceError(AssertionError):
         self.problems = problems
         super().__init__(f"{subject} does not conform ({len(problems)} problem{'s' * (len(problems) != 1)}):\n"
                          + "\n".join(f"  - {p}" for p in problems))
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_recipe(path: Path, recipe: dict, *, overwrite: bool = True):
+    """Write `recipe` to `path`, load it as `finetune run` does and run it in this process;
+    return the finetune.pipeline.RunSummary (run_dir, model_dir, card, metrics, parameters)."""
+    from finetune.pipeline import run
+    from finetune.recipe import load_recipe
+
+    fresh_accelerate_state()
+    return run(load_recipe(write_recipe(path, recipe)), overwrite=overwrite)
+
+
+def fresh_accelerate_state() -> None:
+    """Forget the device and precision accelerate fixes once per Python process, so that the next run
+    in this process may use others: for test suites (and notebooks) that run several recipes, as
+    accelerate's and transformers' own test utilities do. `finetune run` needs none: one run, one process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # accelerate's test-support reset; not public
 
 
 def check_conformance(recipe: dict, workdir: Path, methods: Sequence[str] | None = None, *,
@@ -75,7 +102,6 @@ def check_conformance(recipe: dict, workdir: Path, methods: Sequence[str] | None
 
 def _static_problems(group: str, name: str):
     """The plugin class (None when it cannot be loaded) and what is wrong with it without running it."""
-    kind = "task" if group == plugins.TASKS else "method"
     try:
         plugin = plugins.load(group, name)  # the registry's own message lists every missing member
     except FinetuneError as exc:
@@ -89,16 +115,12 @@ def _static_problems(group: str, name: str):
         if not info.description:
             problems.append(f"{plugin.__name__}.Options.{field} has no description (Field(..., description=...)): "
                             "recipe errors and the docs show it")
-    for member in OPTIONAL[kind]:
-        if hasattr(plugin, member) and not callable(getattr(plugin, member)):
-            problems.append(f"'{member}' must be a method")
     return plugin, problems
 
 
 def _short_run(recipe: dict, workdir: Path, method: str, method_cls, max_steps: int, run_usage: bool):
     from finetune.card import local_artifacts
     from finetune.rundir import read_run
-    from finetune.testing import run_recipe
 
     adapter = method_cls.produces_adapter
     given = recipe.get("method", {})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.files import atomic_path
+
 _PNG = {"format": "png", "dpi": 100, "metadata": {"Software": None}}
 
 
@@ -61,6 +63,5 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, tit
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, **_PNG)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **_PNG)

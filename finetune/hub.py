@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.card import produces_adapter, render_card
+from finetune.card import method_of, render_card
 from finetune.errors import FinetuneError
 from finetune.rundir import RunLayout, read_run
 
@@ -70,7 +70,7 @@ def plan_push(root: Path, target: PushTarget) -> PushPlan:
         raise FinetuneError(f"--repo-id '{target.repo_id}' is not a valid Hub repo id: {exc}") from None
     run = read_run(root)
     layout = RunLayout(run.root)
-    adapter = produces_adapter(run)
+    adapter = method_of(run).produces_adapter
     if target.artifacts != "adapter":
         if not adapter:
             raise FinetuneError(

@@ -12,14 +12,25 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from finetune.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from PIL import Image
 
-SKIP_OPTION = "skip_unreadable_images"  # the task option name, shared by every image task
+SKIP_OPTION = "skip_unreadable_images"  # the task option that check_images' errors suggest
 _SHOWN = 5  # unreadable files named in an error
+
+
+class ImageOptions(BaseModel):
+    """The options every task that reads images has: its Options inherit them."""
+
+    model_config = ConfigDict(extra="forbid")
+    skip_unreadable_images: bool = Field(
+        False, description="Skip (and count) images that cannot be decoded instead of stopping with an error naming them."
+    )
 
 
 def open_image(value, *, draft: tuple[int, int] | None = None) -> Image.Image:

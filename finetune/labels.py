@@ -3,6 +3,7 @@ column into a `ClassLabel` and checks it, so every classifier treats labels alik
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from finetune.errors import DataError
@@ -52,6 +53,19 @@ def encode_labels(splits: DatasetDict, column: str = "label") -> tuple[DatasetDi
             "a classifier needs examples of at least two classes."
         )
     return splits, labels, dropped
+
+
+def label_facts(splits: DatasetDict, labels: list[str], column: str = "label") -> dict:
+    """The class names and each split's examples per class, for a classifier's Task.data_facts: the
+    card's label table and its imbalance note read them (finetune.reports)."""
+    return {
+        "labels": list(labels),
+        "label_counts": {
+            role: {labels[i]: n for i, n in sorted(Counter(splits[role][column]).items())}
+            for role in ("train", "eval", "test")
+            if role in splits
+        },
+    }
 
 
 def _ordered(values: set) -> list:

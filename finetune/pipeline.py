@@ -1,20 +1,22 @@
 """One run, start to finish: check → data → model → method → train → evaluate → save → card.
 
 Every check that can fail on the user's input (recipe, plugins, data, columns, labels) runs
-before the run directory is touched.
+before the run directory is touched. Every collective (training, the final evaluations, the rank
+checksums) is done before the main process writes the outputs, so no process waits in a barrier
+while it saves, samples and renders the card.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune import plugins
-from finetune.api import data_facts_of, metric_options_of, write_samples_of
+from finetune.files import atomic_path, write_json
 from finetune.recipe import Recipe
-from finetune.rundir import RunLayout, replace_dir, write_json
+from finetune.rundir import RunLayout
 
 
 @dataclass
@@ -26,29 +28,70 @@ class RunSummary:
     parameters: dict
 
 
+@dataclass
+class _Run:
+    """What a run is made of once its inputs are checked and its model is built."""
+
+    recipe: Recipe
+    layout: RunLayout
+    accelerator: Any
+    task: Any
+    method: Any
+    splits: Any
+    """The raw splits (train / eval / test), as the task prepared them."""
+    eval_carved: bool
+    source: str
+    task_model: Any
+    model: Any
+    """The method's trainable model."""
+    frozen: list
+    parameters: dict
+    metrics: Any
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
-    from finetune.card import write_card
-    from finetune.data import finish_splits, load_splits
-    from finetune.evaluation import Metrics
-    from finetune.provenance import base_model_facts, data_facts, environment_facts
-    from finetune.sources import resolve_model_source
+    from finetune.training.loop import train
 
     layout = RunLayout(recipe.run_dir)
     layout.check_startable(recipe.to_yaml(), resume=resume, overwrite=overwrite)
+    r = _build(recipe, layout)
+    with r.accelerator.main_process_first():  # the main process tokenises, the others read its cache
+        processed = r.task.preprocess(r.splits, r.task_model)
+
+    if r.accelerator.is_main_process:
+        layout.begin(recipe.to_yaml(), resume=resume, overwrite=overwrite)
+    r.accelerator.wait_for_everyone()
+
+    trained = train(r.accelerator, r.model, r.task, r.method, r.frozen, processed, recipe, r.metrics,
+                    layout.checkpoints, layout.steplog, resume)
+    final = _final_evaluations(r, trained, processed)
+    summary = _summary(r, trained, final)
+    if r.accelerator.is_main_process:
+        _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary)
+    r.accelerator.end_training()
+    return RunSummary(layout.root, layout.model, layout.card, summary["metrics"], r.parameters)
+
+
+def _build(recipe: Recipe, layout: RunLayout) -> _Run:
+    """Plugins, engine, data, then the model made trainable by the method; data first, so that bad
+    columns, labels or images fail before any model is loaded."""
+    from accelerate.utils import set_seed
+
+    from finetune.data import finish_splits, load_splits
+    from finetune.metrics import Metrics
+    from finetune.sources import resolve_model_source
+    from finetune.training.engine import count_parameters, make_accelerator
+
     task = plugins.load(plugins.TASKS, recipe.task.name)(recipe.task_options)
     method = plugins.load(plugins.METHODS, recipe.method.name)(recipe.method_options)
-
-    accelerator = _accelerator(recipe)
-    # Data first: bad columns, labels or images fail before any model is loaded. The main process
-    # does the expensive checks (decoding every image) and caches them; the others read its cache.
+    accelerator = make_accelerator(recipe)
+    # The main process does the expensive checks (decoding every image) and caches them; the others read its cache.
     with accelerator.main_process_first():
         splits = task.prepare_data(load_splits(recipe))
     eval_carved = "eval" not in splits
     splits = finish_splits(splits, recipe, task.stratify_column)
-    metrics = Metrics(recipe.eval.metrics or task.default_metrics, metric_options_of(task))
+    metrics = Metrics(recipe.eval.metrics or task.default_metrics, task.metric_options())
     source = resolve_model_source(recipe.model.name, recipe.base_dir)
-
-    from accelerate.utils import set_seed
 
     # The head's initialisation, dropout, noise, augmentation. Each process gets its own stream (the
     # seed plus its index: a single process is seeded as the recipe says); identical draws on every rank
@@ -56,34 +99,56 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     set_seed(recipe.train.seed, device_specific=True)
     task_model = task.build_model(source, recipe.model.revision)
     model = method.prepare(task_model)
-    _freeze(task_model)
-    parameters = _count_parameters(model)
+    frozen = _freeze(task_model, method, model)
+    parameters = count_parameters(model)
     accelerator.print(
         f"{recipe.method.name}: training {parameters['trainable']:,} of {parameters['total']:,} parameters "
         f"({100 * parameters['trainable'] / parameters['total']:.2f}%)"
     )
-    with accelerator.main_process_first():  # the main process tokenises, the others read its cache
-        processed = task.preprocess(splits, task_model)
+    return _Run(recipe, layout, accelerator, task, method, splits, eval_carved, source, task_model, model, frozen, parameters,
+                metrics)
 
-    if accelerator.is_main_process:
-        layout.begin(recipe.to_yaml(), resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
 
+def _freeze(task_model, method, model) -> list:
+    """The task's frozen modules (TaskModel.frozen) and the method's (Method.frozen_modules) do not train,
+    whatever the method did: no gradient (and so no place in the optimizer), and eval mode during
+    training (dropout off, statistics fixed), which the training loop keeps. Returns those modules."""
+    frozen = [task_model.model.get_submodule(name) for name in task_model.frozen] + list(method.frozen_modules(model))
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+    return frozen
+
+
+def _final_evaluations(r: _Run, trained, processed) -> dict:
+    """The kept weights on eval (already evaluated by the loop) and test. A model whose final evaluation
+    is not finite is not presented as trained (the loop has already stopped on a non-finite training or
+    eval loss; this catches a test split that overflows)."""
+    from finetune.errors import TrainingDiverged
     from finetune.training.eval_loop import eval_loader, evaluate
-    from finetune.training.loop import train
 
-    trained = train(accelerator, model, task, method, processed, recipe, metrics, layout.checkpoints, layout.steplog, resume)
-    model, state = trained.model, trained.state
     final = {"eval": trained.evaluation}
     if "test" in processed:
-        test_dl = accelerator.prepare(eval_loader(processed["test"], recipe, task))
-        final["test"] = evaluate(accelerator, model, task, test_dl, metrics)
-    _refuse_non_finite(final)
+        test_dl = r.accelerator.prepare(eval_loader(processed["test"], r.recipe, r.task))
+        final["test"] = evaluate(r.accelerator, trained.model, r.task, test_dl, r.metrics)
+    for split, evaluation in final.items():
+        if not math.isfinite(evaluation.metrics["loss"]):
+            raise TrainingDiverged(
+                f"The final model's {split} loss is {evaluation.metrics['loss']}: no model or card was written. "
+                "Look for inputs that overflow (fp16: use bf16), or lower train.lr; the checkpoints are kept."
+            )
+    return final
 
+
+def _summary(r: _Run, trained, final: dict) -> dict:
+    """metrics.json, but for the facts only the main process collects (_write_outputs adds them)."""
+    from finetune.training.engine import rank_checksums
+
+    state = trained.state
     summary = {
         "metrics": {split: result.metrics for split, result in final.items()},
-        "parameters": parameters,
-        "split_sizes": {role: len(splits[role]) for role in ("train", "eval", "test") if role in splits},
+        "parameters": r.parameters,
+        "split_sizes": {role: len(r.splits[role]) for role in ("train", "eval", "test") if role in r.splits},
         "steps": state.steps_taken,  # optimizer steps that changed the weights
         "skipped_steps": state.skipped_steps,  # updates the fp16 gradient scaler skipped
         "model_step": trained.model_step,  # the step whose weights model/ holds
@@ -93,128 +158,37 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         "lr_changes": state.lr_changes,
         "history": state.history,
     }
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.num_processes > 1:
-        summary["rank_checksums"] = _rank_checksums(accelerator, unwrapped)
-
-    if accelerator.is_main_process:  # hashing the data folder once is enough
-        summary["base_model"] = base_model_facts(recipe, source, task_model.hub_id)
-        summary["data"] = data_facts(recipe, splits, task.stratify_column, eval_carved=eval_carved, task_facts=data_facts_of(task))
-        summary["environment"] = environment_facts(accelerator)
-        _save_model(task, method, unwrapped, layout)
-        _write_samples(task, unwrapped, layout)  # after the save (a failure here loses no model), before any merge
-        if recipe.writes_merged and method.produces_adapter:
-            _save_merged(task, method, unwrapped, layout)
-        write_json(layout.predictions, {s: {"predictions": r.predictions, "references": r.references} for s, r in final.items()})
-        write_json(layout.metrics, summary)
-        write_card(layout.root)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunSummary(layout.root, layout.model, layout.card, summary["metrics"], parameters)
+    if r.accelerator.num_processes > 1:
+        summary["rank_checksums"] = rank_checksums(r.accelerator, r.accelerator.unwrap_model(trained.model))
+    return summary
 
 
-def _accelerator(recipe: Recipe):
-    import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedType
-    from accelerate.state import AcceleratorState
+def _write_outputs(r: _Run, model, final: dict, summary: dict) -> None:
+    """On the main process alone: the provenance facts, the model (and its merged copy), the samples,
+    the predictions, metrics.json and the card. Each output is moved into place once complete."""
+    from finetune.card import write_card
+    from finetune.provenance import describe_base_model, describe_data, describe_environment
 
-    from finetune.errors import FinetuneError
-
-    # accelerate keeps one process-wide state that would pin the first run's precision when a
-    # process runs several recipes (a notebook, the tests); the distributed part is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1"
-    if recipe.train.mixed_precision == "fp16" and cpu:
-        # accelerate would accept it and quietly train in fp32 (no autocast, no gradient scaler).
-        raise FinetuneError(
-            "train.mixed_precision: 'fp16' needs a CUDA GPU, and none is in use here; "
-            "set train.mixed_precision to bf16 (autocast on the CPU too) or no."
-        )
-    try:
-        # Accumulation is done by the training loop (exact on a short last window), not by accelerate.
-        accelerator = Accelerator(
-            mixed_precision=recipe.train.mixed_precision,
-            cpu=cpu,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise FinetuneError(
-            f"accelerate could not start ({type(exc).__name__}: {exc}); the recipe asks for train.mixed_precision "
-            f"'{recipe.train.mixed_precision}' on the {'CPU' if cpu else 'GPU'}. Fix what accelerate names, or set "
-            "train.mixed_precision: no."
-        ) from None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Its engine steps inside backward at every micro-batch unless told the window; not wired up yet.
-        raise FinetuneError(
-            "DeepSpeed is not supported by finetune's training loop yet; launch with DDP (finetune run --processes N, "
-            "torchrun, or an accelerate config without deepspeed_config)."
-        )
-    return accelerator
-
-
-def _refuse_non_finite(final: dict) -> None:
-    """A model whose final evaluation is not finite is not presented as trained (the loop has already
-    stopped on a non-finite training or eval loss; this catches a test split that overflows)."""
-    import math
-
-    from finetune.errors import TrainingDiverged
-
-    for split, evaluation in final.items():
-        if not math.isfinite(evaluation.metrics["loss"]):
-            raise TrainingDiverged(
-                f"The final model's {split} loss is {evaluation.metrics['loss']}: no model or card was written. "
-                "Look for inputs that overflow (fp16: use bf16), or lower train.lr; the checkpoints are kept."
-            )
-
-
-def _freeze(task_model) -> None:
-    """Whatever the method did, the task's frozen modules (TaskModel.frozen) do not train: no gradient,
-    eval mode (dropout off, statistics fixed), and so no place in the optimizer built next."""
-    from finetune.methods.common import keep_in_eval
-
-    for name in task_model.frozen:
-        module = task_model.model.get_submodule(name)
-        module.requires_grad_(False)
-        keep_in_eval(module)
+    recipe, layout, task, method = r.recipe, r.layout, r.task, r.method
+    summary["base_model"] = describe_base_model(recipe, r.source, r.task_model.hub_id)
+    summary["data"] = describe_data(recipe, r.splits, eval_carved=r.eval_carved, task_facts=task.data_facts())
+    summary["environment"] = describe_environment(r.accelerator)
+    with atomic_path(layout.model) as tmp:
+        task.save(model, tmp, adapter=method.produces_adapter)
+    _write_samples(task, model, layout)  # after the save (a failure here loses no model), before any merge
+    if recipe.writes_merged and method.produces_adapter:
+        # Merging changes `model` in place (peft's merge_and_unload): nothing may use the adapter model after this.
+        with atomic_path(layout.merged) as tmp:
+            task.save(method.merge(model), tmp, adapter=False)
+    write_json(layout.predictions, {s: {"predictions": e.predictions, "references": e.references} for s, e in final.items()})
+    write_json(layout.metrics, summary)
+    write_card(layout.root)
 
 
 def _write_samples(task, model, layout: RunLayout) -> None:
-    """Into a temporary folder, moved into place once complete, and only when the task wrote anything."""
-    tmp = layout.root / ".samples.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed run left
-    tmp.mkdir()
-    write_samples_of(task, model, tmp)
-    if any(tmp.iterdir()):
-        replace_dir(tmp, layout.samples)
-    else:
-        tmp.rmdir()
-
-
-def _save_model(task, method, model, layout: RunLayout) -> None:
-    """Write the model into a temporary folder and move it into place once complete."""
-    tmp = layout.root / ".model.tmp"
-    task.save(model, tmp, adapter=method.produces_adapter)
-    replace_dir(tmp, layout.model)
-
-
-def _save_merged(task, method, model, layout: RunLayout) -> None:
-    """The adapter folded into its base, written as a whole model. Merging changes `model` in place
-    (peft's merge_and_unload): nothing may use the adapter model after this."""
-    tmp = layout.root / ".model-merged.tmp"
-    task.save(method.merge(model), tmp, adapter=False)
-    replace_dir(tmp, layout.merged)
-
-
-def _count_parameters(model) -> dict:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": total}
-
-
-def _rank_checksums(accelerator, model) -> list[float]:
-    """A checksum of every parameter on each rank: equal when gradients were really synchronised."""
-    import torch
-
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    return accelerator.gather(checksum.to(accelerator.device)).tolist()
+    """samples/, only when the task wrote anything into it."""
+    with atomic_path(layout.samples) as tmp:
+        tmp.mkdir()
+        task.write_samples(model, tmp)
+    if not any(layout.samples.iterdir()):
+        layout.samples.rmdir()

@@ -32,8 +32,9 @@ def available(group: str) -> dict[str, EntryPoint]:
 
 @functools.cache
 def load(group: str, name: str):
-    """Import the plugin `name` of `group` and check it against the contract."""
-    from finetune.api import check_plugin
+    """Import the plugin `name` of `group`, check it against the contract, and give it the defaults of
+    the optional members it leaves out (finetune.api.BaseTask / BaseMethod)."""
+    from finetune.api import check_plugin, with_defaults
 
     ep = _entry_point(group, name)
     kind = _KIND[group]
@@ -50,7 +51,7 @@ def load(group: str, name: str):
             f"the {kind} '{name}' from the distribution {_dist(ep)} ({ep.value}) does not meet the "
             f"{kind} contract: " + "; ".join(missing)
         )
-    return plugin
+    return with_defaults(plugin, kind)
 
 
 def metric_file(name: str) -> Path | None:

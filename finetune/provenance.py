@@ -1,6 +1,6 @@
 """Facts about a run that its card reports and that cannot be recovered afterwards: where the
-base model and the data came from (with content hashes for local files), label counts, the
-hardware and the library versions. Collected while training and stored in metrics.json, so
+base model and the data came from (with content hashes for local files), the hardware and the
+library versions; what the task found in the data (its class counts ...) it records itself. Collected while training and stored in metrics.json, so
 `finetune card RUN_DIR` needs nothing but the run directory.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +19,7 @@ VERSIONED = ("finetune", "torch", "transformers", "peft", "accelerate", "dataset
              "huggingface_hub")
 
 
-def base_model_facts(recipe: Recipe, source: str, hub_id: str | None = None) -> dict:
+def describe_base_model(recipe: Recipe, source: str, hub_id: str | None = None) -> dict:
     """The base model as the card names it: a Hub id when it came from the Hub (the task's reading of
     model.name when it has one, see TaskModel.hub_id), where it was loaded from, and its license when known."""
     local = Path(source).is_dir()
@@ -56,11 +55,8 @@ def _license(source: str, revision: str | None, local: bool) -> str | None:
     return None
 
 
-def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved: bool, task_facts: dict) -> dict:
-    """Source, file hashes and, for classification, label names and counts per split; `task_facts`
-    is what the task recorded while preparing the data (Task.data_facts)."""
-    from datasets import ClassLabel
-
+def describe_data(recipe: Recipe, splits, *, eval_carved: bool, task_facts: dict) -> dict:
+    """Source and file hashes; `task_facts` is what the task recorded about the data (Task.data_facts)."""
     data, folder = recipe.data, recipe.data_folder
     facts: dict = {
         "source": None if folder else data.path,  # a Hub dataset id, which the card links
@@ -85,14 +81,6 @@ def data_facts(recipe: Recipe, splits, label_column: str | None, *, eval_carved:
             }
             for split, file in data.files.items()
         }
-    feature = splits["train"].features.get(label_column) if label_column else None
-    if isinstance(feature, ClassLabel):
-        facts["labels"] = list(feature.names)
-        facts["label_counts"] = {
-            role: {feature.names[i]: n for i, n in sorted(Counter(splits[role][label_column]).items())}
-            for role in ("train", "eval", "test")
-            if role in splits
-        }
     return facts
 
 
@@ -112,7 +100,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def environment_facts(accelerator) -> dict:
+def describe_environment(accelerator) -> dict:
     import torch
 
     if accelerator.device.type == "cuda":

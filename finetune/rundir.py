@@ -19,13 +19,13 @@ existing run directory as it was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.files import write_text
 from finetune.training.checkpoint import latest_checkpoint
 
 
@@ -76,12 +76,12 @@ class RunLayout:
 
     def begin(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         if resume:  # the run directory is already there; its recipe may have a new train.lr
-            write_atomic(self.recipe, recipe_yaml)
+            write_text(self.recipe, recipe_yaml)
             return
         if overwrite and self.root.is_dir():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.recipe, recipe_yaml)
+        write_text(self.recipe, recipe_yaml)
 
 
 def read_run(root: Path):
@@ -134,21 +134,3 @@ def _changed_keys(old, new, prefix: str = "") -> list[str]:
     for key in sorted(set(old) | set(new), key=str):
         changed += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
     return changed
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)

@@ -11,9 +11,14 @@ import json
 import random
 from pathlib import Path
 
-import yaml
-
-from finetune.conformance import ConformanceError, check_conformance  # noqa: F401  (re-exported for plugin authors)
+# Re-exported for plugin authors: running recipes in a test, and the conformance check.
+from finetune.conformance import (  # noqa: F401
+    ConformanceError,
+    check_conformance,
+    fresh_accelerate_state,
+    run_recipe,
+    write_recipe,
+)
 
 # For a test session's os.environ, before any Hugging Face library is imported: no network, less noise.
 OFFLINE_ENV = {
@@ -121,21 +126,6 @@ def write_distribution(site: Path, name: str, version: str, entry_points: dict[s
         for group, targets in entry_points.items()
     ))
     return site
-
-
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def run_recipe(path: Path, recipe: dict, *, overwrite: bool = True):
-    """Write `recipe` to `path`, load it as `finetune run` does and run it in this process;
-    return the finetune.pipeline.RunSummary (run_dir, model_dir, card, metrics, parameters)."""
-    from finetune.pipeline import run
-    from finetune.recipe import load_recipe
-
-    return run(load_recipe(write_recipe(path, recipe)), overwrite=overwrite)
 
 
 def text_recipe(model_dir: Path, data_dir: Path, run_dir: Path, method_name: str = "full", **sections) -> dict:

@@ -1,24 +1,72 @@
-"""What tasks on transformers models share: loading a pretrained backbone with a new
-classification head (per text, per token ...) and telling methods which modules are new.
+"""What tasks on transformers models share: `TransformersClassifier`, the base of every task that
+puts a new classification head (per text, per token ...) on a pretrained transformers encoder.
 
-Public: the text-classification task and third-party plugins (token classification) use it.
+Public: the text-classification task and third-party plugins (token classification) inherit it.
 """
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, ClassVar
 
-from finetune.api import Artifact, TaskModel
+from finetune.api import Artifact, BaseTask, TaskModel
 from finetune.errors import FinetuneError
-from finetune.methods.common import is_head
+from finetune.modules import is_within
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # peft knows the attention projections of most encoders; these are the ones it lacks.
-_EXTRA_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+_EXTRA_ADAPTER_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
 
 
-def classifier_task_model(auto_class, source: str, revision: str | None, labels: list[str], peft_task_type: str) -> TaskModel:
+class TransformersClassifier(BaseTask):
+    """A transformers encoder with a new head for `class_names()`, loaded by `auto_class`, with its tokenizer.
+
+    A subclass gives `auto_class` and `class_names`, and its own data (`prepare_data`, `preprocess`,
+    which sets `self.collator`), `eval_step` and `card`; loading, batching, the training step and
+    saving are shared. Override `load_tokenizer` for tokenizer options or checks."""
+
+    auto_class: ClassVar[str]
+    """The transformers Auto class of the model with its head, e.g. "AutoModelForSequenceClassification"."""
+
+    def __init__(self, options):
+        self.options = options
+        self.tokenizer = None
+        self.collator = None  # set by preprocess: pads a batch of tokenised examples
+
+    def class_names(self) -> list[str]:
+        """The head's classes, in id order (known after prepare_data)."""
+        raise NotImplementedError
+
+    def load_tokenizer(self, source: str, revision: str | None, **options):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source, revision=revision, **options)
+        except Exception as exc:
+            raise FinetuneError(f"model.name: could not load a tokenizer from '{source}': {type(exc).__name__}: {exc}") from None
+
+    def build_model(self, source: str, revision: str | None) -> TaskModel:
+        import transformers
+
+        self.tokenizer = self.load_tokenizer(source, revision)
+        return classifier_task_model(getattr(transformers, self.auto_class), source, revision, self.class_names())
+
+    def collate(self, examples: list[dict]) -> dict:
+        return self.collator(examples)
+
+    def training_step(self, model, batch: dict) -> dict:
+        return {"loss": model(**batch).loss}  # the model's own loss: the mean over the batch's labelled items
+
+    def save(self, model, directory: Path, *, adapter: bool) -> None:
+        model.save_pretrained(directory)  # a PEFT adapter (with the head) or a full model
+        self.tokenizer.save_pretrained(directory)
+
+
+def classifier_task_model(auto_class, source: str, revision: str | None, labels: list[str]) -> TaskModel:
     """`auto_class.from_pretrained(source)` with a head for `labels` (their names in the config's
-    `id2label`), its head modules found, and peft's default LoRA targets for the architecture.
+    `id2label`), its head modules found, and the modules an adapter targets for the architecture.
 
     `auto_class` is a transformers Auto class such as AutoModelForTokenClassification; a load
     failure becomes a FinetuneError naming `model.name`."""
@@ -36,15 +84,15 @@ def classifier_task_model(auto_class, source: str, revision: str | None, labels:
         raise FinetuneError(
             f"model.name: could not load '{source}' with {auto_class.__name__}: {type(exc).__name__}: {exc}"
         ) from None
-    return TaskModel(model=model, head=head_modules(model, info), lora_targets=lora_targets(model), peft_task_type=peft_task_type)
+    return TaskModel(model=model, head=head_modules(model, info), adapter_targets=adapter_targets(model))
 
 
-def lora_targets(model) -> list[str]:
-    """peft's default LoRA target modules for the model's architecture (empty when peft has none)."""
+def adapter_targets(model) -> list[str]:
+    """The attention projections of the model's architecture, as peft's LoRA defaults name them (empty when unknown)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     model_type = model.config.model_type
-    return list(_EXTRA_LORA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type) or [])
+    return list(_EXTRA_ADAPTER_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type) or [])
 
 
 def head_modules(model, loading_info: dict) -> list[str]:
@@ -59,7 +107,7 @@ def head_modules(model, loading_info: dict) -> list[str]:
     mismatched = [k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys", [])]
     for key in [*loading_info.get("missing_keys", []), *mismatched]:
         module = key.rsplit(".", 1)[0]
-        if not is_head(module, head):
+        if not is_within(module, head):
             head.append(module)
     return head
 
@@ -68,7 +116,7 @@ def adapter_snippet(artifact: Artifact, auto_class: str, labels: list[str]) -> s
     """Card code that loads a LoRA adapter `artifact` as `model` (a PeftModel) with its `tokenizer`;
     the task appends the lines that use them. The base model is built with the run's labels,
     which its own config does not have."""
-    where = json.dumps(artifact.location) + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
+    where = artifact.loader_arguments()
     id2label = json.dumps(dict(enumerate(labels)))
     return f"""\
 from peft import PeftConfig, PeftModel

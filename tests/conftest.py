@@ -17,6 +17,13 @@ def _datasets_cache(tmp_path_factory):
     os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("datasets-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Every test may train at its own precision: accelerate fixes it once per process, `finetune run` once per run."""
+    yield
+    testing.fresh_accelerate_state()
+
+
 @pytest.fixture(scope="session")
 def distilbert_dir(tmp_path_factory) -> Path:
     return testing.tiny_text_model(tmp_path_factory.mktemp("tiny-distilbert"), "distilbert")

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 
 from finetune import testing
 from finetune.cli import main
+from finetune.reports import wilson_interval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,6 +90,8 @@ def test_card_metadata_content_and_pictures(tmp_path, pretrained_distilbert):
 
     # Limitations the run shows: a 12-example eval split, 3:1 classes, an adapter on a local base.
     assert "The eval split has only 12 examples" in card_text
+    low, high = wilson_interval(summary["metrics"]["eval"]["accuracy"], 12)
+    assert f"The eval accuracy of {summary['metrics']['eval']['accuracy']:.3f} could well be anywhere from {low:.3f} to {high:.3f}" in card_text
     assert f"The base model was loaded from a local folder ({base})" in card_text
     assert "The training classes are imbalanced ('negative': 81, 'positive': 27 examples)" in card_text
 
@@ -149,11 +152,9 @@ def test_card_command_on_an_unfinished_run_says_what_is_missing(tmp_path):
 
 
 def test_small_split_interval_does_not_collapse_at_perfect_accuracy():
-    from finetune.card import _wilson_interval
-
-    low, high = _wilson_interval(1.0, 12)
+    low, high = wilson_interval(1.0, 12)
     assert high == 1.0 and round(low, 3) == 0.757
-    low, high = _wilson_interval(0.5, 100)
+    low, high = wilson_interval(0.5, 100)
     assert round(low, 3) == 0.404 and round(high, 3) == 0.596
 
 

@@ -74,8 +74,8 @@ def test_preprocessing_follows_the_timm_data_config(base_models, colors_dir):
     # Evaluation is deterministic; training draws a new augmentation each time.
     assert torch.equal(processed["test"][0]["pixel_values"], processed["test"][0]["pixel_values"])
     assert not torch.equal(processed["train"][0]["pixel_values"], processed["train"][0]["pixel_values"])
-    assert task_model.head == ["head"] and "blocks.0.attn.qkv" in task_model.lora_targets
-    assert not any("patch_embed" in t for t in task_model.lora_targets)  # ViT: attention and MLP layers only
+    assert task_model.head == ["head"] and "blocks.0.attn.qkv" in task_model.adapter_targets
+    assert not any("patch_embed" in t for t in task_model.adapter_targets)  # ViT: attention and MLP layers only
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -85,7 +85,7 @@ def test_run_end_to_end_and_reload(kind, method, finished_run, colors_dir, tmp_p
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["split_sizes"] == {"train": 54, "eval": 6, "test": 30}
     assert set(summary["metrics"]["test"]) == {"loss", "accuracy", "macro_f1"}  # 3 classes: no top-5
-    assert summary["data"]["labels"] == LABELS
+    assert summary["data"]["task"]["labels"] == LABELS
     assert summary["data"]["folder"]["files"] == 90 and len(summary["data"]["folder"]["sha256"]) == 64
     trainable, total = summary["parameters"]["trainable"], summary["parameters"]["total"]
     assert trainable == total if method == "full" else 0 < trainable < total
@@ -141,7 +141,7 @@ def test_hub_style_dataset_with_embedded_images_renamed_columns_and_six_classes(
     test = summary["metrics"]["test"]
     assert set(test) == {"loss", "accuracy", "top5_accuracy", "macro_f1"}
     assert test["top5_accuracy"] >= test["accuracy"] and test["accuracy"] > 0.5
-    assert summary["data"]["labels"] == names and summary["data"]["files"]["train"]["format"] == "parquet"
+    assert summary["data"]["task"]["labels"] == names and summary["data"]["files"]["train"]["format"] == "parquet"
     assert summary["base_model"]["origin"] == "local"
 
 
@@ -150,16 +150,16 @@ def test_hub_style_dataset_with_embedded_images_renamed_columns_and_six_classes(
     [("test_vit", "linear"), ("test_maxvit", "linear"), ("test_resnet", "conv"), ("test_byobnet", "conv"),
      ("test_efficientnet", "conv"), ("test_convnext", "conv")],
 )
-def test_default_lora_targets_and_head_of_timm_families(architecture, kind):
+def test_default_adapter_targets_and_head_of_timm_families(architecture, kind):
     """Transformers get their linear projections; CNNs (some with a convolutional `attn` slot, like
     byobnet) their non-depthwise convolutions. The head is never a target."""
     import timm
 
-    from finetune.tasks.image_classification import _head_modules, _lora_targets
+    from finetune.tasks.image_classification import _adapter_targets, _head_modules
 
     model = timm.create_model(architecture, pretrained=False, num_classes=3)
     head = _head_modules(model)
-    targets = _lora_targets(model, head)
+    targets = _adapter_targets(model, head)
     modules = dict(model.named_modules())
     assert head == [model.pretrained_cfg["classifier"]] and not set(head) & set(targets)
     assert targets and all(getattr(modules[t], "groups", 1) == 1 for t in targets)
@@ -214,7 +214,6 @@ def test_feature_extraction_keeps_every_backbone_weight_and_batchnorm_buffer(fin
 def test_full_fine_tuning_can_give_the_backbone_a_smaller_learning_rate(base_models, colors_dir, tmp_path):
     recipe = testing.image_recipe(base_models["cnn"], colors_dir, tmp_path / "run", "full",
                                   method={"options": {"backbone_lr": 1e-4}}, train={"max_steps": 1})
-    from finetune.api import parameter_groups_of
     from finetune.methods.full import Full, FullOptions
     from finetune.recipe import load_recipe
     from finetune.tasks.image_classification import ImageClassification
@@ -225,7 +224,7 @@ def test_full_fine_tuning_can_give_the_backbone_a_smaller_learning_rate(base_mod
     task.labels = LABELS
     method = Full(FullOptions(backbone_lr=1e-4))
     model = method.prepare(task.build_model(str(base_models["cnn"]), None))
-    groups = build_optimizer(parameter_groups_of(method, model), loaded.train).param_groups
+    groups = build_optimizer(method.parameter_groups(model), loaded.train).param_groups
     head = {id(p) for p in model.fc.parameters()}
     by_lr: dict[float, set] = {}
     for group in groups:  # each learning rate has a group with weight decay and one without

@@ -3,7 +3,7 @@
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.evaluation import Metrics, installed_metrics
+from finetune.metrics import Metrics, installed_metrics
 
 
 def test_builtin_metrics_are_installed_through_the_entry_point():

@@ -47,6 +47,7 @@ def exact_recipe(model: Path, data: Path, run_dir: Path, **sections) -> dict:
 
 def run(tmp_path: Path, name: str, recipe: dict, *args) -> Path:
     path = testing.write_recipe(tmp_path / f"{name}.yaml", recipe)
+    testing.fresh_accelerate_state()  # runs of one test may differ in precision, as separate `finetune run`s would
     result = CliRunner().invoke(main, ["run", str(path), *map(str, args)])
     assert result.exit_code == 0, result.output
     return Path(recipe["output"]["dir"])

@@ -117,7 +117,7 @@ def test_readme_documents_every_recipe_key():
     from finetune.recipe_errors import _model_in
     from finetune.tasks.image_classification import ImageClassificationOptions
     from finetune.tasks.text_classification import TextClassificationOptions
-    from finetune.tasks.text_to_image import TextToImageOptions
+    from finetune.tasks.text_to_image.options import TextToImageOptions
 
     def keys(model, prefix):
         for name, field in model.model_fields.items():

@@ -105,11 +105,14 @@ def test_feature_extraction_leaves_backbone_bit_identical(recipe_file, pretraine
 def test_feature_extraction_keeps_backbone_in_eval_mode_and_head_in_train_mode(pretrained_distilbert):
     from finetune.methods.feature_extraction import FeatureExtraction, FeatureExtractionOptions
     from finetune.tasks.text_classification import TextClassification, TextClassificationOptions
+    from finetune.training.loop import train_mode
 
     task = TextClassification(TextClassificationOptions())
     task.labels = LABELS
-    model = FeatureExtraction(FeatureExtractionOptions()).prepare(task.build_model(str(pretrained_distilbert), None))
-    model.train()
+    method = FeatureExtraction(FeatureExtractionOptions())
+    model = method.prepare(task.build_model(str(pretrained_distilbert), None))
+    assert method.frozen_modules(model) == [model.distilbert]
+    train_mode(model, method.frozen_modules(model))  # as the training loop enters training mode
     assert not any(m.training for m in model.distilbert.modules())  # backbone dropout off
     assert model.dropout.training  # the head's dropout still regularises the head
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
@@ -129,7 +132,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(recipe_file, tmp_pat
     real_save_state = Accelerator.save_state
 
     def crashing_save_state(self, output_dir, *args, **kwargs):
-        if output_dir.endswith("step-00000008"):
+        if "step-00000008" in output_dir:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
             raise KeyboardInterrupt  # what a user's Ctrl-C or a killed job looks like mid-write
@@ -138,7 +141,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(recipe_file, tmp_pat
     monkeypatch.setattr(Accelerator, "save_state", crashing_save_state)
     crashed = invoke("run", path, "--set", f"output.dir={broken}")
     assert crashed.exit_code != 0 and not (broken / "model").exists()
-    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == [".tmp-step-00000008", "step-00000004"]
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == [".step-00000008.tmp", "step-00000004"]
     monkeypatch.setattr(Accelerator, "save_state", real_save_state)
 
     resumed = invoke("run", path, "--set", f"output.dir={broken}", "--resume")

@@ -193,7 +193,7 @@ def test_full_run_on_hub_style_parquet_saves_a_pipeline(sd_dir, tmp_path):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_the_loss_targets_the_schedulers_prediction_type(tmp_path, prediction_type):
-    from finetune.diffusion import DiffusionModel
+    from finetune.tasks.text_to_image.model import DiffusionModel
 
     sd = pipeline_from(testing.tiny_stable_diffusion(tmp_path / "sd", prediction_type=prediction_type))
     from diffusers import DDPMScheduler
@@ -216,7 +216,7 @@ def test_the_loss_targets_the_schedulers_prediction_type(tmp_path, prediction_ty
 def test_min_snr_weights_follow_the_paper():
     from diffusers import DDPMScheduler
 
-    from finetune.diffusion import min_snr_weights
+    from finetune.tasks.text_to_image.model import min_snr_weights
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     steps = torch.tensor([0, 50, 999])
@@ -235,7 +235,7 @@ def test_the_validation_loss_is_fixed_and_precomputed_latents_give_the_same(sd_d
 
     from finetune import plugins
     from finetune.data import finish_splits, load_splits
-    from finetune.evaluation import Metrics
+    from finetune.metrics import Metrics
     from finetune.recipe import load_recipe
     from finetune.training.eval_loop import eval_loader, evaluate
 
@@ -408,14 +408,16 @@ def test_pushed_card_loads_the_merged_pipeline_and_the_adapter_from_the_repo(lor
 
 def test_the_core_freezes_what_the_task_marks_frozen_whatever_the_method():
     """A method that makes everything trainable (as a third party's might) still leaves the VAE alone."""
-    from finetune.api import TaskModel
+    from finetune.api import BaseMethod, TaskModel
     from finetune.pipeline import _freeze
+    from finetune.training.loop import train_mode
 
     model = torch.nn.Sequential()
     model.add_module("unet", torch.nn.Linear(2, 2))
     model.add_module("vae", torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)))
     model.requires_grad_(True)
-    _freeze(TaskModel(model=model, head=[], lora_targets=[], frozen=["vae"]))
-    model.train()
+    frozen = _freeze(TaskModel(model=model, head=[], adapter_targets=[], frozen=["vae"]), BaseMethod(), model)
+    assert frozen == [model.vae]
+    train_mode(model, frozen)  # as the training loop enters training mode
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["unet.weight", "unet.bias"]
     assert model.unet.training and not model.vae.training and not model.vae[1].training

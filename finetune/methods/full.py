@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import TaskModel
-from finetune.methods.common import is_head
+from finetune.api import BaseMethod, TaskModel
+from finetune.modules import is_within
 
 
 class FullOptions(BaseModel):
@@ -17,9 +17,10 @@ class FullOptions(BaseModel):
     )
 
 
-class Full:
+class Full(BaseMethod):
     Options = FullOptions
     produces_adapter = False
+    title = "a full fine-tune"
 
     def __init__(self, options: FullOptions):
         self.options = options
@@ -36,7 +37,7 @@ class Full:
             return [{"params": [param for _, param in trained]}]
         head, backbone = [], []
         for name, param in trained:
-            (head if is_head(name, self.head) else backbone).append(param)
+            (head if is_within(name, self.head) else backbone).append(param)
         return [{"params": head}, {"params": backbone, "lr": self.options.backbone_lr}]
 
     def merge(self, model):

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.api import Artifact, BaseTask, CardInfo, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import FinetuneError
-from finetune.images import check_images, open_image, skipped_images_note
-from finetune.labels import encode_labels
-from finetune.methods.common import is_head
-from finetune.reports import classification_sections
+from finetune.images import ImageOptions, check_images, open_image, skipped_images_note
+from finetune.labels import encode_labels, label_facts
+from finetune.modules import is_within
+from finetune.reports import classification_limitations, classification_sections, label_table
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -45,21 +45,16 @@ class Augmentation(BaseModel):
     re_prob: float = Field(0.0, ge=0, le=1, description="Probability of random erasing.")
 
 
-class ImageClassificationOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ImageClassificationOptions(ImageOptions):
     augmentation: Augmentation | None = Field(
         default_factory=Augmentation,
         description="Training augmentation; null trains on the evaluation transform (resize, center crop, normalise).",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss.")
     drop_path_rate: float | None = Field(None, ge=0, lt=1, description="Stochastic depth for models that support it (ViT, ConvNeXt).")
-    skip_unreadable_images: bool = Field(  # named as finetune.images.SKIP_OPTION, which its errors suggest
-        False, description="Skip (and count) images that cannot be decoded instead of stopping with an error naming them."
-    )
 
 
-
-class ImageClassification:
+class ImageClassification(BaseTask):
     Options = ImageClassificationOptions
     methods = None  # every method applies
     default_metrics = ["accuracy", "top5_accuracy", "macro_f1"]
@@ -111,7 +106,7 @@ class ImageClassification:
             ) from None
         model.name_or_path = name  # peft records it as the adapter's base_model_name_or_path
         head = _head_modules(model)
-        return TaskModel(model=model, head=head, lora_targets=_lora_targets(model, head),
+        return TaskModel(model=model, head=head, adapter_targets=_adapter_targets(model, head),
                          hub_id=model.pretrained_cfg.get("hf_hub_id"))
 
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
@@ -129,6 +124,7 @@ class ImageClassification:
                     f"task.options.augmentation: timm cannot build this augmentation ({type(exc).__name__}: {exc}). "
                     "Check auto_augment (e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment) and the ranges."
                 ) from None
+        self.facts.update(label_facts(splits, self.labels))  # the final splits: eval may be carved from train
         # Decoded and transformed as batches are drawn: a new random augmentation every epoch.
         return DatasetDict(
             {role: split.with_transform(_Transform(training if role == "train" else evaluation)) for role, split in splits.items()}
@@ -171,15 +167,16 @@ class ImageClassification:
             save_for_hf(model, directory, model_config={"label_names": self.labels}, safe_serialization=True)
 
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
-        labels = run.labels
+        labels = run.task_facts["labels"]
         return CardInfo(
             pipeline_tag="image-classification",
             library_name="timm",
             usage=_usage(artifact, labels),
             description=f"classifies images into {len(labels)} classes: {', '.join(labels)}",
-            tags=["image-classification", "timm", *(["peft", "lora"] if artifact.adapter else [])],
+            tags=["image-classification", "timm", *(["peft"] if artifact.adapter else [])],  # the method's name is a tag too
             sections=classification_sections(run),
-            limitations=skipped_images_note(run),
+            data_sections=label_table(run),
+            limitations=[*classification_limitations(run), *skipped_images_note(run)],
         )
 
 
@@ -232,14 +229,14 @@ def _head_modules(model) -> list[str]:
     return head
 
 
-def _lora_targets(model, head: list[str]) -> list[str]:
+def _adapter_targets(model, head: list[str]) -> list[str]:
     """For a transformer (linear attention projections: ViT, Swin, MaxViT ...) every linear layer of
     its blocks (attention and MLP); for a CNN, every convolution that is not depthwise (peft's LoRA
     needs groups=1) and every linear layer. Many CNNs have an `attn` slot holding a convolutional
     block or nn.Identity: only linear layers inside it make a transformer."""
     import torch
 
-    modules = [(n, m) for n, m in model.named_modules() if n and not is_head(n, head)]
+    modules = [(n, m) for n, m in model.named_modules() if n and not is_within(n, head)]
     transformer = any(isinstance(m, torch.nn.Linear) and ".attn" in f".{n}" for n, m in modules)
     kinds = (torch.nn.Linear,) if transformer else (torch.nn.Linear, torch.nn.Conv2d)
     return [n for n, m in modules if isinstance(m, kinds) and getattr(m, "groups", 1) == 1]
@@ -258,7 +255,7 @@ from timm.data import create_transform, resolve_model_data_config
 model = timm.create_model({timm_location}, pretrained=True).eval()
 labels = model.pretrained_cfg["label_names"]
 {_predict("model")}"""
-    where = json.dumps(artifact.location) + (f', subfolder="{artifact.subfolder}"' if artifact.subfolder else "")
+    where = artifact.loader_arguments()
     return f"""\
 import timm
 import torch

@@ -15,14 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
 from finetune.columns import require_columns
-from finetune.errors import DataError, FinetuneError
-from finetune.labels import encode_labels
-from finetune.reports import classification_sections
-from finetune.transformers_models import adapter_snippet, classifier_task_model
+from finetune.errors import DataError
+from finetune.labels import encode_labels, label_facts
+from finetune.reports import classification_limitations, classification_sections, label_table
+from finetune.transformers_models import TransformersClassifier, adapter_snippet
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from datasets import DatasetDict
 
 class TextClassificationOptions(BaseModel):
@@ -30,18 +28,17 @@ class TextClassificationOptions(BaseModel):
     max_length: int = Field(128, ge=8, description="Truncate inputs to this many tokens.")
 
 
-class TextClassification:
+class TextClassification(TransformersClassifier):
     Options = TextClassificationOptions
     methods = None  # every method applies
     default_metrics = ["accuracy", "f1"]
     stratify_column = "label"
+    auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, options: TextClassificationOptions):
-        self.options = options
+        super().__init__(options)
         self.labels: list[str] = []
-        self.unlabelled: dict[str, int] = {}
-        self.tokenizer = None
-        self._collator = None
+        self.facts: dict = {}
 
     # -- data -----------------------------------------------------------------------------
     def prepare_data(self, splits: DatasetDict) -> DatasetDict:
@@ -54,25 +51,20 @@ class TextClassification:
                         f"The {role} split has {len(empty)} empty value(s) (missing, or only whitespace) in the "
                         f"'{column}' column, first in row {empty[0]}; fill or drop those rows."
                     )
-        splits, self.labels, self.unlabelled = encode_labels(splits, "label")
+        splits, self.labels, unlabelled = encode_labels(splits, "label")
+        self.facts = {"unlabelled_rows_dropped": unlabelled} if unlabelled else {}
         return splits
 
     def data_facts(self) -> dict:
-        return {"unlabelled_rows_dropped": self.unlabelled} if self.unlabelled else {}
+        return self.facts
 
     def metric_options(self) -> dict:
         return {"labels": list(range(len(self.labels)))}  # every class counts at every evaluation
 
-    # -- model ----------------------------------------------------------------------------
-    def build_model(self, source: str, revision: str | None) -> TaskModel:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def class_names(self) -> list[str]:
+        return self.labels
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        except Exception as exc:
-            raise FinetuneError(f"model.name: could not load a tokenizer from '{source}': {type(exc).__name__}: {exc}") from None
-        return classifier_task_model(AutoModelForSequenceClassification, source, revision, self.labels, "SEQ_CLS")
-
+    # -- model inputs ---------------------------------------------------------------------
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
         from transformers import DataCollatorWithPadding
 
@@ -86,16 +78,11 @@ class TextClassification:
             encoded["labels"] = batch["label"]
             return encoded
 
-        self._collator = DataCollatorWithPadding(tokenizer)  # pads each batch to its longest example
+        self.collator = DataCollatorWithPadding(tokenizer)  # pads each batch to its longest example
+        self.facts.update(label_facts(splits, self.labels))  # the final splits: eval may be carved from train
         return splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="Tokenizing")
 
-    def collate(self, examples: list[dict]) -> dict:
-        return self._collator(examples)
-
     # -- steps ----------------------------------------------------------------------------
-    def training_step(self, model, batch: dict) -> dict:
-        return {"loss": model(**batch).loss}
-
     def eval_step(self, model, batch: dict) -> dict:
         import torch.nn.functional as F
 
@@ -103,19 +90,17 @@ class TextClassification:
         loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")  # the model's loss, per example
         return {"loss": loss, "predictions": out.logits.argmax(dim=-1), "references": batch["labels"]}
 
-    # -- artifacts ------------------------------------------------------------------------
-    def save(self, model, directory: Path, *, adapter: bool) -> None:
-        model.save_pretrained(directory)  # a PEFT adapter (with the head) or a full model
-        self.tokenizer.save_pretrained(directory)
-
+    # -- card -----------------------------------------------------------------------------
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
-        labels = run.labels
+        labels = run.task_facts["labels"]
         return CardInfo(
             pipeline_tag="text-classification",
             library_name="peft" if artifact.adapter else "transformers",
             usage=_usage(artifact, labels),
             description=f"classifies text into {len(labels)} classes: {', '.join(labels)}",
             sections=classification_sections(run),
+            data_sections=label_table(run),
+            limitations=classification_limitations(run),
         )
 
 

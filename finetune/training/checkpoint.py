@@ -1,16 +1,16 @@
 """Checkpoints that are either complete or absent.
 
-A checkpoint is written into a hidden `.tmp-step-N` folder and renamed to `step-N` only once
-every file is in place: a crash mid-write leaves a temporary folder that resume ignores (and
-the next save clears), never a `step-N` that looks complete but is not.
+A checkpoint is written into a hidden `.step-N.tmp` folder (finetune.files) and renamed to
+`step-N` only once every process has written its part: a crash mid-write leaves a temporary
+folder that resume ignores (and the next save clears), never a `step-N` that looks complete but is not.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from finetune.files import commit, remove, temporary_path
 from finetune.training.state import TrainerState
 
 STATE_FILE = "trainer_state.json"
@@ -24,17 +24,16 @@ def save_checkpoint(accelerator, directory: Path, state: TrainerState, keep_last
     """Save the run at `state.step`, then delete all but the `keep_last` newest checkpoints, never
     the one of step `protected` (the best evaluation's, which the run may restore at its end)."""
     final = checkpoint_dir(directory, state.step)
-    tmp = directory / f".tmp-step-{state.step:08d}"
+    tmp = temporary_path(final)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.to_json())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the commit point: atomic on POSIX
+        commit(tmp, final)  # the commit point
         kept = checkpoint_dir(directory, protected) if protected is not None else None
         for old in list_checkpoints(directory)[:-keep_last]:
             if old != kept:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finetune.api import count_items_of
 from finetune.errors import FinetuneError
 
 
@@ -32,7 +31,8 @@ def eval_loader(dataset, recipe, task):
 
 
 def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
-    """Items-weighted mean loss and metrics over `dataloader`, with every process's predictions."""
+    """Items-weighted mean loss and metrics over `dataloader`, with every process's predictions. The model
+    is left in eval mode (the training loop puts it back into training mode its own way)."""
     import torch
     from accelerate.utils import broadcast_object_list
 
@@ -42,7 +42,7 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
     with torch.no_grad():
         for batch in dataloader:
             out = task.eval_step(model, batch)
-            items = count_items_of(task, batch).to(accelerator.device).float()
+            items = task.count_items(batch).to(accelerator.device).float()
             loss = _per_example(out["loss"], len(items)).float()
             pairs = torch.stack([torch.where(items > 0, loss * items, 0.0), items], dim=1)
             weighted_losses.append(accelerator.gather_for_metrics(pairs))
@@ -51,7 +51,6 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
                     gathered[key].append(accelerator.gather_for_metrics(out[key]))
                 else:  # a list per example of any length (a sentence's tags): gathered as objects
                     gathered[key] += accelerator.gather_for_metrics(list(out[key]), use_gather_object=True)
-    model.train()
     for key, values in gathered.items():
         if values and hasattr(values[0], "tolist"):
             gathered[key] = torch.cat(values).tolist()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.api import batch_examples, count_items_of, parameter_groups_of
+from finetune.api import batch_examples
 from finetune.errors import FinetuneError, TrainingDiverged
 from finetune.recipe import Recipe
 from finetune.training.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -43,10 +43,11 @@ class TrainResult:
     """The step whose weights they are: the last, or the best evaluation's (eval.early_stopping.final_model)."""
 
 
-def train(accelerator, model, task, method, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path,
+def train(accelerator, model, task, method, frozen: list, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path,
           resume: bool) -> TrainResult:
-    """Train `model` in place on splits["train"], evaluating on splits["eval"]."""
-    trainer = Trainer(accelerator, model, task, method, splits, recipe, metrics, checkpoints, steplog)
+    """Train `model` in place on splits["train"], evaluating on splits["eval"]; the `frozen` modules
+    stay in eval mode throughout."""
+    trainer = Trainer(accelerator, model, task, method, frozen, splits, recipe, metrics, checkpoints, steplog)
     if resume:
         trainer.restore()
     return trainer.run()
@@ -62,11 +63,13 @@ class _Update:
 
 
 class Trainer:
-    def __init__(self, accelerator, model, task, method, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path):
+    def __init__(self, accelerator, model, task, method, frozen: list, splits, recipe: Recipe, metrics, checkpoints: Path,
+                 steplog: Path):
         import torch
         from torch.utils.data import DataLoader
 
         self.accelerator, self.task, self.recipe, self.metrics = accelerator, task, recipe, metrics
+        self.frozen = frozen
         self.checkpoints, self.steplog = checkpoints, steplog
         t = recipe.train
         # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
@@ -78,7 +81,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum_steps)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        optimizer = build_optimizer(parameter_groups_of(method, model), t, model)
+        optimizer = build_optimizer(method.parameter_groups(model), t, model)
         scheduler = build_scheduler(optimizer, t, self.total_steps, accelerator.num_processes)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.state = TrainerState(lr=t.lr)
@@ -119,7 +122,7 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=state.step, desc="Training", unit="step", disable=not acc.is_main_process)
         self.window = window = _LogWindow()
         last_eval = None  # the loop always evaluates its final state; the caller reuses that
-        self.model.train()
+        self._train_mode()
         for epoch in range(state.epoch, self.epochs):
             if self._finished():
                 break
@@ -161,6 +164,9 @@ class Trainer:
             last_eval = evaluate(acc, self.model, self.task, self.eval_dl, self.metrics)
         return self._final(last_eval)
 
+    def _train_mode(self) -> None:
+        train_mode(self.model, self.frozen)
+
     def _flush_log(self) -> None:
         if self.window.updates:
             self._log(self.window.flush(self.state.step))
@@ -179,7 +185,7 @@ class Trainer:
         import torch
 
         acc = self.accelerator
-        items = [count_items_of(self.task, batch).to(acc.device).float().sum() for batch in micro_batches]
+        items = [self.task.count_items(batch).to(acc.device).float().sum() for batch in micro_batches]
         total = acc.reduce(torch.stack(items).sum(), reduction="sum")
         scale = acc.num_processes / total.clamp(min=1)
         loss_sum = torch.zeros((), device=acc.device)
@@ -242,6 +248,7 @@ class Trainer:
     def _evaluate(self, progress: float) -> tuple[Evaluation, bool]:
         """Evaluate the current weights, record them, and say whether they are the best so far."""
         evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
+        self._train_mode()
         results, step = evaluation.metrics, self.state.step
         if not math.isfinite(results["loss"]):
             self._diverged(f"the eval loss is {results['loss']}")
@@ -280,6 +287,13 @@ class Trainer:
         load_checkpoint(self.accelerator, best)  # this run's own state (steps, history) stays as it is
         evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
         return TrainResult(self.model, state, evaluation, state.best_step)
+
+
+def train_mode(model, frozen: list) -> None:
+    """Training mode, but for the `frozen` modules: their dropout stays off and their statistics fixed."""
+    model.train()
+    for module in frozen:
+        module.eval()
 
 
 def _windows(batches, size: int):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from finetune.files import write_text
 
 
 class StepLog:
@@ -28,9 +29,7 @@ def truncate_steplog(path: Path, step: int) -> None:
     """Drop records after `step`: a resumed run logs those steps again."""
     if path.is_file():
         kept = [r for r in read_steplog(path) if r["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_steplog(path: Path) -> list[dict]:

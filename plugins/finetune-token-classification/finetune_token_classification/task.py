@@ -17,13 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import DataError, FinetuneError
-from finetune.transformers_models import classifier_task_model
+from finetune.transformers_models import TransformersClassifier
 from finetune_token_classification import card
 from finetune_token_classification.tags import check_scheme, encode_tags, entity_types, tag_names
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from datasets import DatasetDict
 
 IGNORED = -100  # the label of sub-words after a word's first, and of special tokens: no loss, no score
@@ -39,18 +37,17 @@ class TokenClassificationOptions(BaseModel):
     )
 
 
-class TokenClassification:
+class TokenClassification(TransformersClassifier):
     Options = TokenClassificationOptions
     methods = ("feature-extraction", "full", "lora")
     default_metrics = ["entities"]
     stratify_column = None  # one tag per word: there is no single label to stratify on
+    auto_class = "AutoModelForTokenClassification"
 
     def __init__(self, options: TokenClassificationOptions):
-        self.options = options
+        super().__init__(options)
         self.tags: list[str] = []
         self.facts: dict = {}
-        self.tokenizer = None
-        self._collator = None
 
     # -- data -----------------------------------------------------------------------------
     def prepare_data(self, splits: DatasetDict) -> DatasetDict:
@@ -85,22 +82,26 @@ class TokenClassification:
     def data_facts(self) -> dict:
         return self.facts
 
+    def class_names(self) -> list[str]:
+        return self.tags
+
     # -- model ----------------------------------------------------------------------------
-    def build_model(self, source: str, revision: str | None) -> TaskModel:
-        from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+    def load_tokenizer(self, source: str, revision: str | None, **options):
+        from transformers import AutoConfig
 
         try:
             model_type = AutoConfig.from_pretrained(source, revision=revision).model_type
-            extra = {"add_prefix_space": True} if model_type in _PREFIX_SPACE_MODELS else {}
-            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, **extra)
         except Exception as exc:
             raise FinetuneError(f"model.name: could not load a tokenizer from '{source}': {type(exc).__name__}: {exc}") from None
-        if not self.tokenizer.is_fast:
+        if model_type in _PREFIX_SPACE_MODELS:
+            options["add_prefix_space"] = True
+        tokenizer = super().load_tokenizer(source, revision, **options)
+        if not tokenizer.is_fast:
             raise FinetuneError(
                 f"model.name: the tokenizer of '{source}' is a slow (Python) tokenizer. token-classification "
                 "needs a fast tokenizer (tokenizer.json) to know which sub-words belong to which word."
             )
-        return classifier_task_model(AutoModelForTokenClassification, source, revision, self.tags, "TOKEN_CLS")
+        return tokenizer
 
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
         from transformers import DataCollatorForTokenClassification
@@ -112,7 +113,7 @@ class TokenClassification:
             encoded["labels"] = [_first_subword_labels(encoded.word_ids(i), tags) for i, tags in enumerate(batch["tags"])]
             return encoded
 
-        self._collator = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORED)
+        self.collator = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORED)
         # Counted here, on the final splits (an eval split may have been carved from train since prepare_data).
         self.facts["entities"] = {role: _count_entities(split["tags"], self.tags) for role, split in splits.items()}
         processed = splits.map(tokenize, batched=True, remove_columns=splits["train"].column_names, desc="Tokenizing")
@@ -122,13 +123,7 @@ class TokenClassification:
             self.facts["words_not_scored"] = {role: n for role, n in cut.items() if n}
         return processed
 
-    def collate(self, examples: list[dict]) -> dict:
-        return self._collator(examples)
-
     # -- steps ----------------------------------------------------------------------------
-    def training_step(self, model, batch: dict) -> dict:
-        return {"loss": model(**batch).loss}  # the mean over the batch's scored words
-
     def count_items(self, batch: dict):
         """The loss averages over scored words (first sub-words), not sentences: a long sentence weighs more."""
         return (batch["labels"] != IGNORED).sum(dim=1)
@@ -148,13 +143,9 @@ class TokenClassification:
             references.append([names[l] for _, l in scored])
         return {"loss": loss, "predictions": predictions, "references": references}
 
-    # -- artifacts ------------------------------------------------------------------------
-    def save(self, model, directory: Path, *, adapter: bool) -> None:
-        model.save_pretrained(directory)  # a PEFT adapter (with the classifier) or a full model
-        self.tokenizer.save_pretrained(directory)
-
+    # -- card -----------------------------------------------------------------------------
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
-        facts = run.summary.get("data", {}).get("task", {})
+        facts = run.task_facts
         types = facts.get("entity_types", [])
         return CardInfo(
             pipeline_tag="token-classification",

@@ -16,7 +16,7 @@ from ner_sentences import CONLL_TAGS, ner_recipe, sentences
 from finetune import testing
 from finetune.api import PUBLIC_MODULES
 from finetune.errors import DataError
-from finetune.evaluation import Metrics
+from finetune.metrics import Metrics
 
 PLUGIN = Path(__file__).resolve().parent.parent
 PACKAGE = PLUGIN / "finetune_token_classification"

@@ -15,7 +15,37 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from finetune.errors import FinetuneError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def load_pipeline(source: str, revision: str | None, eval_timesteps: list[int]):
+    """The Stable Diffusion pipeline at `source` and a DDPM scheduler of its training noise; a model this
+    task cannot train, or eval timesteps outside its schedule, are refused naming the recipe key."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(source, revision=revision, safety_checker=None,
+                                                           requires_safety_checker=False)
+    except Exception as exc:
+        raise FinetuneError(
+            f"model.name: diffusers could not load a Stable Diffusion pipeline from '{source}': {type(exc).__name__}: "
+            f"{exc}. Name a Stable Diffusion 1.x/2.x repo (stable-diffusion-v1-5/stable-diffusion-v1-5) or a folder "
+            "written by its save_pretrained (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        ) from None
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise FinetuneError(
+            f"model.name: the scheduler of '{source}' predicts '{prediction_type}'; this task trains "
+            f"{' or '.join(PREDICTION_TYPES)} models."
+        )
+    steps = noise_scheduler.config.num_train_timesteps
+    too_late = [t for t in eval_timesteps if not 0 <= t < steps]
+    if too_late:
+        raise FinetuneError(f"task.options.eval_timesteps: {too_late} lie outside this scheduler's timesteps 0..{steps - 1}.")
+    return pipeline, noise_scheduler
 
 
 class DiffusionModel(torch.nn.Module):

@@ -1,0 +1,148 @@
+"""The text-to-image task plugin: the contract's members, each handing its work to the module of
+its concern (see the package's docstring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from finetune.api import Artifact, BaseTask, CardInfo, RunRecord, TaskModel
+from finetune.columns import require_columns
+from finetune.errors import DataError
+from finetune.images import check_images, skipped_images_note
+from finetune.tasks.text_to_image import card
+from finetune.tasks.text_to_image.data import is_caption
+from finetune.tasks.text_to_image.options import TextToImageOptions
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' Attention projections
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's
+
+
+class TextToImage(BaseTask):
+    Options = TextToImageOptions
+    methods = ("lora", "full")  # feature extraction would train nothing: a UNet has no head to put on top
+    default_metrics: list[str] = []  # the validation loss and the samples say how a generator does
+    stratify_column = None
+
+    def __init__(self, options: TextToImageOptions):
+        self.options = options
+        self.facts: dict = {}
+        self.pipeline = None  # the loaded pipeline: its tokenizer and inference scheduler serve samples and saves
+        self.source, self.revision = "", None
+
+    # -- data -----------------------------------------------------------------------------
+    def prepare_data(self, splits: DatasetDict) -> DatasetDict:
+        require_columns(splits, ("image", "text"), hints={"text": (
+            "An image folder takes its captions from a metadata.jsonl (or metadata.csv) file beside the images, "
+            "with a `file_name` and a `text` field per image.")})
+        for role, split in splits.items():
+            for row, caption in enumerate(split["text"]):
+                if not is_caption(caption):
+                    raise DataError(
+                        f"The 'text' column of the {role} split holds {caption!r} in row {row}, not a caption: each "
+                        "image needs a string (or a list of strings). Fix or remove that row."
+                    )
+        splits, skipped = check_images(splits, "image", skip=self.options.skip_unreadable_images)
+        self.facts = {"unreadable_images_skipped": skipped} if skipped else {}
+        return splits
+
+    def data_facts(self) -> dict:
+        return self.facts
+
+    # -- model ----------------------------------------------------------------------------
+    def build_model(self, source: str, revision: str | None) -> TaskModel:
+        from finetune.tasks.text_to_image.model import DiffusionModel, load_pipeline
+
+        self.pipeline, noise_scheduler = load_pipeline(source, revision, self.options.eval_timesteps)
+        self.source, self.revision = source, revision
+        pipeline, train_text = self.pipeline, self.options.train_text_encoder
+        if self.options.gradient_checkpointing:
+            pipeline.unet.enable_gradient_checkpointing()
+            if train_text:
+                # Non-reentrant: with reentrant checkpointing the frozen encoder's LoRA layers get no gradient.
+                pipeline.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = DiffusionModel(pipeline.unet, pipeline.vae, pipeline.text_encoder, noise_scheduler, self.options.snr_gamma)
+        return TaskModel(
+            model=model,
+            head=[],  # nothing is new: every trained weight is pretrained
+            adapter_targets=UNET_ATTENTION + (TEXT_ENCODER_ATTENTION if train_text else []),
+            frozen=["vae"] + ([] if train_text else ["text_encoder"]),
+        )
+
+    def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
+        from datasets import DatasetDict
+
+        from finetune.tasks.text_to_image.data import Examples, encode_latents, latents_fingerprint
+
+        prepared = {}
+        for role, split in splits.items():
+            training = role == "train"
+            if not training:  # the fixed noise of the validation loss: one seed per example
+                split = split.add_column("noise_seed", list(range(len(split))))
+            examples = Examples(self.pipeline.tokenizer, self.options, training=training)
+            if self.options.precompute_latents:
+                fingerprint = latents_fingerprint(split, self.source, self.revision, self.options)
+                prepared[role] = encode_latents(split, examples, task_model.model.vae, fingerprint)
+            else:  # decoded and augmented as batches are drawn: a new crop and flip every epoch
+                prepared[role] = split.with_transform(examples)
+        return DatasetDict(prepared)
+
+    def collate(self, examples: list[dict]) -> dict:
+        import torch
+
+        return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
+
+    # -- steps ----------------------------------------------------------------------------
+    def training_step(self, model, batch: dict) -> dict:
+        return {"loss": model(**batch).mean()}
+
+    def eval_step(self, model, batch: dict) -> dict:
+        return {"loss": model(**batch, timesteps=self.options.eval_timesteps)}  # one loss per example
+
+    # -- artifacts ------------------------------------------------------------------------
+    def write_samples(self, model, directory: Path) -> None:
+        from finetune.tasks.text_to_image.sampling import draw_samples
+
+        draw_samples(self._components(model), self.options, directory)
+
+    def save(self, model, directory: Path, *, adapter: bool) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        from finetune.tasks.text_to_image.model import lora_layers
+
+        if adapter:
+            layers = lora_layers(model)
+            StableDiffusionPipeline.save_lora_weights(
+                directory,
+                unet_lora_layers=layers.get("unet", (None, None))[0],
+                text_encoder_lora_layers=layers.get("text_encoder", (None, None))[0],
+                unet_lora_adapter_metadata=layers.get("unet", (None, None))[1],
+                text_encoder_lora_adapter_metadata=layers.get("text_encoder", (None, None))[1],
+            )
+        else:  # the base pipeline with the trained parts; its safety checker, if it has one, is loaded and kept
+            pipeline = StableDiffusionPipeline.from_pretrained(self.source, revision=self.revision, **self._components(model))
+            pipeline.save_pretrained(directory)
+
+    def _components(self, model) -> dict:
+        """The pipeline's components, with the trained UNet and text encoder of `model` in place."""
+        from finetune.tasks.text_to_image.model import diffusion_model_of
+
+        trained = diffusion_model_of(model).eval()
+        return dict(unet=trained.unet, vae=trained.vae, text_encoder=trained.text_encoder,
+                    tokenizer=self.pipeline.tokenizer, scheduler=self.pipeline.scheduler)
+
+    # -- card -----------------------------------------------------------------------------
+    def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
+        options = run.recipe.task_options
+        return CardInfo(
+            pipeline_tag="text-to-image",
+            library_name="diffusers",
+            usage=card.usage(run, artifact),
+            description=f"generates {options.resolution}×{options.resolution} images from text prompts",
+            tags=["text-to-image", "diffusers", "stable-diffusion", "stable-diffusion-diffusers", "diffusers-training"],
+            sections=card.sample_sections(run),
+            limitations=skipped_images_note(run),
+        )
