@@ -158,9 +158,9 @@ def _target_from(hub):
 
 
 def _push(run_dir: Path, target, dry_run: bool = False) -> None:
-    from finetune.hub import plan_push, push
+    from finetune.hub import prepare_push, push
 
-    plan = plan_push(run_dir, target)
+    plan = prepare_push(run_dir, target)
     if dry_run:
         click.echo(plan.describe())
         return

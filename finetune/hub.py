@@ -2,9 +2,10 @@
 (rendered for the repo, so its snippet loads the repo) and the card's pictures.
 
 The token is huggingface_hub's business (HF_TOKEN, or `hf auth login`): it is never read into
-a recipe, a log, a card or a message here. Transient failures (network, 429, 5xx) are retried
-with exponential backoff; every failure ends in a PushError that says how to retry, and leaves
-the run directory untouched.
+a recipe, a log, a card or a message here. huggingface_hub retries its upload requests (preupload,
+LFS) itself; the requests it sends once (create the repo, the branch, the commit) are retried here
+on transient failures (network, 429, 5xx) with exponential backoff. Every failure ends in a
+PushError that says how to retry, and leaves the run directory untouched.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class PushPlan:
         return "\n".join(lines)
 
 
-def plan_push(root: Path, target: PushTarget) -> PushPlan:
-    """What one commit will hold; checks the run directory, sends nothing."""
+def prepare_push(root: Path, target: PushTarget) -> PushPlan:
+    """What one commit will hold, with the card rendered for the repo. Checks the run directory and sends
+    nothing; rendering the card rewrites its pictures in the run's images/ (they embed the same data)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from finetune.api import Artifact

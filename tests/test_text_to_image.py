@@ -383,10 +383,10 @@ def test_pushed_card_loads_the_merged_pipeline_and_the_adapter_from_the_repo(lor
     the card's snippets, run against a local copy of the commit, draws the first sample."""
     import re
 
-    from finetune.hub import PushTarget, plan_push
+    from finetune.hub import PushTarget, prepare_push
 
     repo = "test-user/tiny-sd"
-    plan = plan_push(lora_run, PushTarget(repo, artifacts="both"))
+    plan = prepare_push(lora_run, PushTarget(repo, artifacts="both"))
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "adapter/pytorch_lora_weights.safetensors",
             "images/samples.png"} <= set(plan.files)
     mirror = tmp_path / "mirror"

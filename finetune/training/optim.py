@@ -8,34 +8,36 @@ from finetune.recipe import TrainSection
 
 
 def build_optimizer(groups: list[dict], train: TrainSection, model=None):
-    """AdamW over the method's parameter groups (see Method.parameter_groups); no weight decay on
-    biases, normalisation weights and what the model names in `no_weight_decay()` (decaying them
-    only pulls useful offsets, scales and embeddings toward zero)."""
+    """AdamW over the method's parameter groups (see Method.parameter_groups), each split again by timm's
+    weight-decay rule (`decay_exempt`): decaying biases, normalisation scales and embeddings such as a
+    ViT's position embedding only pulls useful offsets, scales and positions toward zero."""
     import torch
 
-    exempt = no_weight_decay(model) if model is not None else set()
+    exempt = decay_exempt(model) if model is not None else set()
     split = []
     for group in groups:
         lr = group.get("lr", train.lr)
         params = [p for p in group["params"] if p.requires_grad]
-        # Biases and normalisation scales/offsets are exactly the 1-d parameters (timm's rule too).
-        decayed = [p for p in params if p.ndim >= 2 and id(p) not in exempt]
-        split.append({"params": decayed, "weight_decay": train.weight_decay, "lr": lr})
-        split.append({"params": [p for p in params if p.ndim < 2 or id(p) in exempt], "weight_decay": 0.0, "lr": lr})
+        split.append({"params": [p for p in params if id(p) not in exempt], "weight_decay": train.weight_decay, "lr": lr})
+        split.append({"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0, "lr": lr})
     return torch.optim.AdamW([g for g in split if g["params"]], lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
 
 
-def no_weight_decay(model) -> set[int]:
-    """Ids of the parameters that a submodule names in `no_weight_decay()` (timm's convention: a ViT's
-    pos_embed and cls_token), matched as timm's own param_groups_weight_decay does (names or wildcards)."""
-    from fnmatch import fnmatch
+def decay_exempt(model) -> set[int]:
+    """Ids of the parameters timm's `param_groups_weight_decay` exempts from weight decay: 1-d parameters
+    and biases, and what a (sub)module names in `no_weight_decay()`, timm's convention (a ViT's pos_embed
+    and cls_token), matched against names inside that module, which a peft wrapper does not change."""
+    from timm.optim import param_groups_weight_decay
 
-    exempt = set()
+    def no_decay(module, names=()) -> set[int]:
+        groups = param_groups_weight_decay(module, weight_decay=1.0, no_weight_decay_list=names)
+        return {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+
+    exempt = no_decay(model)
     for module in model.modules():
         names = getattr(module, "no_weight_decay", None)
         if callable(names):
-            patterns = list(names())
-            exempt |= {id(p) for name, p in module.named_parameters() if any(fnmatch(name, x) for x in patterns)}
+            exempt |= no_decay(module, set(names()))
     return exempt
 
 
