@@ -112,3 +112,55 @@ def test_the_example_plugin_is_listed_until_uninstalled():
     finally:
         subprocess.run([*pip, "install", "--no-deps", "--editable", str(EXAMPLE)], check=True)
     assert listed() == installed
+
+
+def test_a_plugin_that_inherits_no_base_class_gets_the_optional_defaults():
+    import torch
+    from pydantic import BaseModel
+
+    from finetune.api import OPTIONAL, BaseMethod, BaseTask, check_plugin, with_defaults
+    from finetune.tasks.text_classification import TextClassification
+
+    def member(self, *args, **kwargs):
+        return None
+
+    class BareTask:  # every required member, no optional one, no base class
+        Options, methods, default_metrics, stratify_column = BaseModel, None, [], None
+        prepare_data = build_model = preprocess = collate = training_step = eval_step = save = card = member
+
+        def __init__(self, options):
+            self.options = options
+
+    assert set(OPTIONAL["task"]) == {"data_facts", "count_items", "metric_options", "write_samples"}
+    assert check_plugin(BareTask, "task") == []
+    loaded = with_defaults(BareTask, "task")
+    assert loaded.__name__ == "BareTask" and loaded.__module__ == __name__ and issubclass(loaded, (BareTask, BaseTask))
+    task = loaded(None)
+    assert task.count_items({"input_ids": torch.zeros(3, 5)}).tolist() == [1.0, 1.0, 1.0]
+    assert task.data_facts() == {} and task.metric_options() == {} and task.write_samples(None, None) is None
+    assert with_defaults(TextClassification, "task") is TextClassification  # a subclass of the base stays itself
+
+    class Counting(BareTask):  # an optional member the plugin gives wins over the default
+        def count_items(self, batch):
+            return torch.full((2,), 7)
+
+    assert with_defaults(Counting, "task")(None).count_items({}).tolist() == [7, 7]
+
+    class NotCallable(BareTask):
+        count_items = 3
+
+    assert check_plugin(NotCallable, "task") == ["'count_items' must be a method"]
+
+    class BareMethod:
+        Options, produces_adapter = BaseModel, False
+        prepare = merge = member
+
+        def __init__(self, options):
+            pass
+
+    assert check_plugin(BareMethod, "method") == []
+    method = with_defaults(BareMethod, "method")(None)
+    linear = torch.nn.Linear(2, 2)
+    linear.bias.requires_grad_(False)
+    assert isinstance(method, BaseMethod) and method.title == "a fine-tune" and method.frozen_modules(linear) == []
+    assert [g["params"] for g in method.parameter_groups(linear)] == [[linear.weight]]
