@@ -90,6 +90,7 @@ def test_card_metadata_content_and_pictures(tmp_path, pretrained_distilbert):
 
     # Limitations the run shows: a 12-example eval split, 3:1 classes, an adapter on a local base.
     assert "The eval split has only 12 examples" in card_text
+    assert "This model is **a LoRA adapter** of" in card_text  # the method's own title (Method.title)
     low, high = wilson_interval(summary["metrics"]["eval"]["accuracy"], 12)
     assert f"The eval accuracy of {summary['metrics']['eval']['accuracy']:.3f} could well be anywhere from {low:.3f} to {high:.3f}" in card_text
     assert f"The base model was loaded from a local folder ({base})" in card_text
