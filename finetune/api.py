@@ -259,6 +259,9 @@ def batch_examples(batch: dict) -> int:
     return len(next(iter(batch.values())))
 
 
+SMALL_SPLIT = 100
+"""A split with fewer examples than this gets a note in the card's Limitations: its metrics are uncertain."""
+
 PUBLIC_MODULES = (
     "finetune.api",  # this contract
     "finetune.errors",  # DataError, FinetuneError: shown to the user as one clean message

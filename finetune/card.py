@@ -11,13 +11,12 @@ from pathlib import Path
 
 import finetune
 from finetune import figures, plugins
-from finetune.api import Artifact, CardInfo, RunRecord
+from finetune.api import SMALL_SPLIT, Artifact, CardInfo, RunRecord
 from finetune.recipe import lower_is_better
 from finetune.files import write_text
 from finetune.rundir import RunLayout, read_run
 
 CURVES = "training-curves.png"
-SMALL_SPLIT = 100  # fewer evaluation examples than this: the card warns how uncertain the metrics are
 
 
 def cards_dir() -> Path:

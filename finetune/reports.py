@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from finetune import figures
-from finetune.api import RunRecord
+from finetune.api import SMALL_SPLIT, RunRecord
 
 IMBALANCE = 3.0  # most / least frequent training class above this: the card warns
 
@@ -70,12 +70,12 @@ def label_table(run: RunRecord) -> list[str]:
     return [head + rows]
 
 
-def classification_limitations(run: RunRecord, small_split: int = 100) -> list[str]:
-    """The uncertainty of accuracy on a small split, and imbalanced training classes."""
+def classification_limitations(run: RunRecord) -> list[str]:
+    """The uncertainty of accuracy on a split smaller than api.SMALL_SPLIT, and imbalanced training classes."""
     notes = []
     for split, values in run.summary["metrics"].items():
         n = run.summary["split_sizes"].get(split, 0)
-        if 0 < n < small_split and "accuracy" in values:
+        if 0 < n < SMALL_SPLIT and "accuracy" in values:
             low, high = wilson_interval(values["accuracy"], n)
             notes.append(f"The {split} accuracy of {values['accuracy']:.3f} could well be anywhere from {low:.3f} to "
                          f"{high:.3f} (95% Wilson interval over its {n} examples).")
