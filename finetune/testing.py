@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 # Re-exported for plugin authors: running recipes in a test, and the conformance check.
@@ -28,6 +29,27 @@ OFFLINE_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+RUN_OUTPUTS = ("model", "model-merged", "samples", "images", "metrics.json", "predictions.json", "README.md")
+
+
+def rewind_run(finished: Path, copy: Path, step: int | None = None) -> Path:
+    """A copy of a finished run as a crash right after the checkpoint of `step` (default: the first)
+    leaves it: that checkpoint and older ones, the step log so far (a resume truncates it), no outputs.
+    The copy's recipe.yaml names the copy as its output.dir, so `--resume` with it continues the copy."""
+    shutil.copytree(finished, copy)
+    recipe = copy / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace(str(finished), str(copy)))
+    saved = sorted((copy / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    step = int(saved[0].name.split("-")[1]) if step is None else step
+    for checkpoint in saved:
+        if int(checkpoint.name.split("-")[1]) > step:
+            shutil.rmtree(checkpoint)
+    for name in RUN_OUTPUTS:
+        target = copy / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return copy
+
 
 POSITIVE = ["great", "wonderful", "excellent", "loved", "superb", "fantastic", "delightful", "brilliant"]
 NEGATIVE = ["terrible", "awful", "boring", "hated", "dreadful", "poor", "horrible", "disappointing"]

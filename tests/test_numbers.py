@@ -119,19 +119,7 @@ def test_logged_learning_rates_follow_the_closed_form_with_accumulation(tmp_path
 
 
 # -- resume -------------------------------------------------------------------------------------
-def rewind(finished: Path, copy: Path, step: int) -> Path:
-    """A copy of a finished run as a crash right after the checkpoint of `step` leaves it: that
-    checkpoint and older ones, the step log so far (and beyond: a resume truncates it), no outputs."""
-    shutil.copytree(finished, copy)
-    recipe = copy / "recipe.yaml"  # the copy's own output.dir
-    recipe.write_text(recipe.read_text().replace(str(finished), str(copy)))
-    for checkpoint in (copy / "checkpoints").iterdir():
-        if int(checkpoint.name.split("-")[1]) > step:
-            shutil.rmtree(checkpoint)
-    for name in ("model", "metrics.json", "predictions.json", "README.md", "images"):
-        target = copy / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    return copy
+rewind = testing.rewind_run
 
 
 def test_resume_in_the_middle_of_epoch_two_is_bit_identical(tmp_path, distilbert_dir):

@@ -1,5 +1,7 @@
 """Checkpoints that are either complete or absent.
 
+What a checkpoint holds is accelerate's state (optimizer, scheduler, RNG, sampler) with the
+weights that training changes (finetune.training.trainable_state), and `trainer_state.json`.
 A checkpoint is written into a hidden `.step-N.tmp` folder (finetune.files) and renamed to
 `step-N` only once every process has written its part: a crash mid-write leaves a temporary
 folder that resume ignores (and the next save clears), never a `step-N` that looks complete but is not.
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from finetune.files import commit, remove, temporary_path
 from finetune.training.state import TrainerState
+from finetune.training.trainable_state import TrainableState
 
 STATE_FILE = "trainer_state.json"
 
@@ -20,7 +23,8 @@ def checkpoint_dir(directory: Path, step: int) -> Path:
     return directory / f"step-{step:08d}"
 
 
-def save_checkpoint(accelerator, directory: Path, state: TrainerState, keep_last: int, protected: int | None = None) -> Path:
+def save_checkpoint(accelerator, directory: Path, state: TrainerState, trainable: TrainableState, keep_last: int,
+                    protected: int | None = None) -> Path:
     """Save the run at `state.step`, then delete all but the `keep_last` newest checkpoints, never
     the one of step `protected` (the best evaluation's, which the run may restore at its end)."""
     final = checkpoint_dir(directory, state.step)
@@ -29,9 +33,11 @@ def save_checkpoint(accelerator, directory: Path, state: TrainerState, keep_last
         directory.mkdir(parents=True, exist_ok=True)
         remove(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
+    # The trained weights, optimizer, scheduler and RNG states of every process.
+    accelerator.save_state(str(tmp), **trainable.save_options)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        trainable.write_fingerprint(tmp)
         (tmp / STATE_FILE).write_text(state.to_json())
         commit(tmp, final)  # the commit point
         kept = checkpoint_dir(directory, protected) if protected is not None else None
@@ -55,6 +61,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
-    accelerator.load_state(str(checkpoint))
+def load_checkpoint(accelerator, checkpoint: Path, trainable: TrainableState) -> TrainerState:
+    trainable.check_base(checkpoint)  # before anything is loaded: a refusal leaves the model as it is
+    accelerator.load_state(str(checkpoint), **trainable.load_options)
     return TrainerState.from_json((checkpoint / STATE_FILE).read_text())

@@ -25,11 +25,13 @@ from typing import Any
 from finetune.api import batch_examples
 from finetune.errors import FinetuneError, TrainingDiverged
 from finetune.recipe import Recipe
+from finetune.training.augmentation import SeededExamples
 from finetune.training.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from finetune.training.eval_loop import Evaluation, eval_loader, evaluate
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.state import TrainerState
 from finetune.training.steplog import StepLog, truncate_steplog
+from finetune.training.trainable_state import TrainableState, shared_fingerprint
 
 
 @dataclass
@@ -73,8 +75,9 @@ class Trainer:
         self.checkpoints, self.steplog = checkpoints, steplog
         t = recipe.train
         # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
+        self.train_examples = SeededExamples(splits["train"], t.seed)
         train_dl = DataLoader(
-            splits["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
+            self.train_examples, batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
             generator=torch.Generator().manual_seed(t.seed), num_workers=t.dataloader_workers,
         )
         self.train_dl, self.eval_dl = accelerator.prepare(train_dl, eval_loader(splits["eval"], recipe, task))
@@ -83,7 +86,9 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         optimizer = build_optimizer(method.parameter_groups(model), t, model)
         scheduler = build_scheduler(optimizer, t, self.total_steps, accelerator.num_processes)
+        fingerprint = shared_fingerprint(accelerator, model)  # of the frozen base, before any engine shards it
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.trainable = TrainableState(accelerator, self.model, fingerprint)
         self.state = TrainerState(lr=t.lr)
         stop = recipe.eval.early_stopping
         self.stopping = stop
@@ -94,7 +99,7 @@ class Trainer:
         """Continue from the latest complete checkpoint; a changed train.lr applies from here on."""
         checkpoint = latest_checkpoint(self.checkpoints)
         fresh_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]  # this recipe's peak rates
-        self.state = load_checkpoint(self.accelerator, checkpoint)
+        self.state = load_checkpoint(self.accelerator, checkpoint, self.trainable)
         restored = [group["initial_lr"] for group in self.optimizer.param_groups]
         if self.state.lr is None:  # a checkpoint from before the rate was recorded
             self.state.lr = restored[0]
@@ -127,6 +132,7 @@ class Trainer:
             if self._finished():
                 break
             self.train_dl.set_epoch(epoch)  # the seedable sampler reshuffles per epoch, identically on every rank
+            self.train_examples.epoch = epoch  # and the augmentation draws anew
             skip = state.batches_in_epoch
             batches = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
             for micro_batches in _windows(batches, t.grad_accum_steps):
@@ -154,7 +160,7 @@ class Trainer:
                 if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated) \
                         or (improved and self.keep_best):
                     self._flush_log()  # a log line never spans a checkpoint: a resumed run logs the same lines
-                    save_checkpoint(acc, self.checkpoints, state, ck.keep_last, state.best_step if self.keep_best else None)
+                    save_checkpoint(acc, self.checkpoints, state, self.trainable, ck.keep_last, state.best_step if self.keep_best else None)
                 if self._finished():
                     break
         self._flush_log()  # an early stop between log steps
@@ -284,7 +290,7 @@ class Trainer:
             return TrainResult(self.model, state, last_eval, state.step)
         best = checkpoint_dir(self.checkpoints, state.best_step)
         self.accelerator.print(f"Restoring the best evaluation's weights from {best}")
-        load_checkpoint(self.accelerator, best)  # this run's own state (steps, history) stays as it is
+        load_checkpoint(self.accelerator, best, self.trainable)  # this run's own state (steps, history) stays as it is
         evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
         return TrainResult(self.model, state, evaluation, state.best_step)
 

@@ -1,0 +1,109 @@
+"""Past one GPU: slim checkpoints, low-memory loading, gradient checkpointing, accelerate configs,
+multi-node launch, process-group timeouts. Every check runs on the CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from finetune import testing
+from finetune.cli import main
+
+FIXED_SIZE = {"random_states_0.pkl", "scheduler.bin", "trainer_state.json", "base_fingerprint.json"}
+"""Checkpoint files whose size does not grow with the model's."""
+
+
+def invoke(*args):
+    testing.fresh_accelerate_state()
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def run_ok(path: Path, recipe: dict, *args) -> Path:
+    result = invoke("run", testing.write_recipe(path, recipe), *args)
+    assert result.exit_code == 0, result.output
+    return Path(recipe["output"]["dir"])
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step-*"))
+
+
+rewind = testing.rewind_run
+
+
+def same_files(a: Path, b: Path, pattern: str = "*.safetensors") -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob(pattern))
+    assert files, f"no {pattern} in {a}"
+    for relative in files:
+        x, y = load_file(a / relative), load_file(b / relative)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), relative
+
+
+def model_bytes(run_dir: Path, what: str) -> int:
+    return sum(p.stat().st_size for p in (run_dir / what).rglob("*.safetensors"))
+
+
+# -- checkpoints that hold what training changes ----------------------------------------------
+@pytest.fixture
+def own_model(tmp_path) -> Path:
+    """A model folder of the test's own, which a test may overwrite."""
+    return testing.tiny_text_model(tmp_path / "base", "distilbert", dropout=0.0)
+
+
+@pytest.mark.parametrize("method", ["lora", "feature-extraction", "full"])
+def test_checkpoints_hold_only_what_trains_and_resume_bit_identically(method, tmp_path, own_model, sentiment_dir):
+    recipe = testing.text_recipe(own_model, sentiment_dir, tmp_path / "whole", method,
+                                 train={"epochs": 2, "log_every_steps": 1}, checkpoint={"every_steps": 7, "keep_last": 5})
+    whole = run_ok(tmp_path / "whole.yaml", recipe)
+    first = checkpoints(whole)[0]
+    parameters = json.loads((whole / "metrics.json").read_text())["parameters"]
+    trained_bytes = 4 * parameters["trainable"]  # float32
+    saved = {f.name: f.stat().st_size for f in first.iterdir()}
+    scaling = sum(size for name, size in saved.items() if name not in FIXED_SIZE)
+    # The trained weights and their two AdamW moments, and little else (file headers).
+    assert 3 * trained_bytes <= scaling <= 1.5 * 3 * trained_bytes
+    if method != "full":  # the frozen base is not in it
+        assert saved["model.safetensors"] < 0.5 * 4 * parameters["total"]
+
+    resumed = rewind(whole, tmp_path / "resumed")
+    run_ok(tmp_path / "resumed.yaml", {**recipe, "output": {"dir": str(resumed)}}, "--resume")
+    same_files(whole / "model", resumed / "model")
+    assert json.loads((whole / "metrics.json").read_text())["metrics"] == json.loads((resumed / "metrics.json").read_text())["metrics"]
+
+
+def test_a_checkpoint_of_another_base_is_refused(tmp_path, own_model, sentiment_dir):
+    recipe = testing.text_recipe(own_model, sentiment_dir, tmp_path / "run", "lora", train={"epochs": 1},
+                                 checkpoint={"every_steps": 4})
+    run_dir = run_ok(tmp_path / "run.yaml", recipe)
+    rewind(run_dir, tmp_path / "again")
+    shutil.rmtree(own_model)
+    testing.tiny_text_model(own_model, "distilbert", seed=1, dropout=0.0)  # same name, same shapes, other weights
+    result = invoke("run", testing.write_recipe(tmp_path / "again.yaml", {**recipe, "output": {"dir": str(tmp_path / "again")}}),
+                    "--resume")
+    assert result.exit_code == 1
+    assert "was trained on another base model" in result.output and "frozen weights differ" in result.output
+    assert "model.revision" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "again" / "model").exists()
+
+
+def test_text_to_image_lora_checkpoints_are_adapter_sized_and_resume_bit_identically(tmp_path):
+    sd = testing.tiny_stable_diffusion(tmp_path / "sd")
+    data = testing.write_captioned_folder(tmp_path / "captions", testing.captioned_images(12, size=24))
+    recipe = testing.text_to_image_recipe(sd, data, tmp_path / "whole", "lora", train={"max_steps": 6, "batch_size": 2},
+                                          checkpoint={"every_steps": 3})
+    recipe["task"]["options"]["validation_prompts"] = []
+    whole = run_ok(tmp_path / "whole.yaml", recipe)
+    first = checkpoints(whole)[0]
+    adapter = model_bytes(whole, "model")
+    pipeline_weights = sum(p.stat().st_size for p in sd.rglob("*.safetensors"))
+    assert (first / "model.safetensors").stat().st_size < 2 * adapter < pipeline_weights / 4
+
+    resumed = rewind(whole, tmp_path / "resumed")
+    run_ok(tmp_path / "resumed.yaml", {**recipe, "output": {"dir": str(resumed)}}, "--resume")
+    same_files(whole / "model", resumed / "model")
