@@ -149,6 +149,14 @@ class BaseTask:
         whole label set at every evaluation, whichever classes a split happens to hold. Default: {}."""
         return {}
 
+    def enable_gradient_checkpointing(self, model: torch.nn.Module) -> list[str]:
+        """Turn on gradient checkpointing in the prepared `model` (train.gradient_checkpointing) and return
+        the names of the modules switched; the core refuses the key when none was. Default: the
+        transformers, diffusers and timm switches of every trainable submodule (finetune.modules)."""
+        from finetune.modules import enable_gradient_checkpointing
+
+        return enable_gradient_checkpointing(model)
+
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
         """Generate from the trained `model` what a reader should see of it (a text-to-image model's images
         for the recipe's prompts, with fixed seeds) into `directory` (the run's samples/), for the card.
@@ -195,8 +203,10 @@ class Task(Protocol):
 
         Raise finetune.errors.DataError with a message naming the column or file on bad data."""
 
-    def build_model(self, source: str, revision: str | None) -> TaskModel:
-        """Load the pretrained backbone from `source` (Hub id or local directory) and add the task's head."""
+    def build_model(self, source: str, revision: str | None, *, dtype: torch.dtype | None) -> TaskModel:
+        """Load the pretrained backbone from `source` (Hub id or local directory) in `dtype` (model.dtype;
+        None: the checkpoint's own), with the ecosystem's low-memory loading, and add the task's head.
+        (A plugin whose build_model takes no `dtype` is called without it, and runs in float32 only.)"""
 
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
         """Turn examples into model inputs (tokenise, transform); cached by `datasets` where possible."""
@@ -229,6 +239,7 @@ class Task(Protocol):
     def count_items(self, batch: dict) -> torch.Tensor: ...
     def metric_options(self) -> dict: ...
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None: ...
+    def enable_gradient_checkpointing(self, model: torch.nn.Module) -> list[str]: ...
 
 
 @runtime_checkable

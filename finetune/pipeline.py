@@ -97,9 +97,7 @@ def _build(recipe: Recipe, layout: RunLayout) -> _Run:
     # seed plus its index: a single process is seeded as the recipe says); identical draws on every rank
     # would waste the extra processes, and DDP starts every rank from rank 0's weights anyway.
     set_seed(recipe.train.seed, device_specific=True)
-    task_model = task.build_model(source, recipe.model.revision)
-    model = method.prepare(task_model)
-    frozen = _freeze(task_model, method, model)
+    task_model, model, frozen = _make_model(recipe, task, method, source)
     parameters = count_parameters(model)
     accelerator.print(
         f"{recipe.method.name}: training {parameters['trainable']:,} of {parameters['total']:,} parameters "
@@ -107,6 +105,61 @@ def _build(recipe: Recipe, layout: RunLayout) -> _Run:
     )
     return _Run(recipe, layout, accelerator, task, method, splits, eval_carved, source, task_model, model, frozen, parameters,
                 metrics)
+
+
+def _make_model(recipe: Recipe, task, method, source: str):
+    """The task's model, loaded in model.dtype, made trainable by the method, its frozen modules frozen, each
+    weight in its precision (finetune.training.precision), gradient checkpointing on when asked."""
+    from finetune.training.precision import settle_dtypes
+
+    task_model = task.build_model(source, recipe.model.revision, **_dtype_argument(task, recipe.model.dtype))
+    model = method.prepare(task_model)
+    frozen = _freeze(task_model, method, model)
+    components = [task_model.model.get_submodule(name) for name in task_model.frozen]
+    settle_dtypes(model, components, recipe.train.mixed_precision)
+    if recipe.train.gradient_checkpointing:
+        _checkpoint_gradients(recipe, task, model, frozen)
+    return task_model, model, frozen
+
+
+def _checkpoint_gradients(recipe: Recipe, task, model, frozen: list) -> None:
+    import torch
+
+    from finetune.errors import FinetuneError
+    from finetune.modules import is_within
+
+    names = {module: name for name, module in model.named_modules()}
+    frozen_names = [names[m] for m in frozen if m in names]
+    training_norms = [name for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_within(name, frozen_names)]
+    if training_norms:
+        raise FinetuneError(
+            f"train.gradient_checkpointing: this model's batch-norm layers train ({training_norms[0]} …): the recomputed "
+            "forward pass would update their running statistics a second time at every step (a PyTorch limitation), "
+            "and the model would silently differ from the one trained without. Remove the key, use a model with layer "
+            "norm (ConvNeXt, ViT), or LoRA / feature extraction, which keep batch norm frozen."
+        )
+    if not task.enable_gradient_checkpointing(model):
+        raise FinetuneError(
+            f"train.gradient_checkpointing: no trainable module of this {recipe.task.name} model has a gradient "
+            "checkpointing switch (transformers, diffusers and timm models have one). Remove the key, or give the task "
+            "plugin an enable_gradient_checkpointing member."
+        )
+
+
+def _dtype_argument(task, dtype: str) -> dict:
+    """build_model's `dtype` argument; a plugin written before model.dtype existed loads in float32 only."""
+    import inspect
+
+    from finetune.errors import FinetuneError
+    from finetune.training.precision import load_dtype
+
+    if "dtype" in inspect.signature(task.build_model).parameters:
+        return {"dtype": load_dtype(dtype)}
+    if dtype != "float32":
+        raise FinetuneError(f"model.dtype: the task plugin '{type(task).__name__}' loads its model in float32 only; "
+                            "remove model.dtype (or set it to float32).")
+    return {}
 
 
 def _freeze(task_model, method, model) -> list:

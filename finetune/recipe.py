@@ -52,6 +52,11 @@ class ModelSection(Section):
         "installed Python package."
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision the pretrained weights are loaded in (auto: the checkpoint's own). The weights "
+        "that train are kept in float32 whatever it is; bfloat16 or float16 halves the memory of the frozen ones "
+        "(the base under LoRA and feature extraction)."
+    )
 
 
 class DataSection(Section):
@@ -129,7 +134,16 @@ class TrainSection(Section):
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warm-up.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of all steps spent warming up linearly.")
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision (fp16 needs a GPU).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast precision (fp16 needs a GPU); frozen modules (a frozen backbone, a VAE) are then stored in it too."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass instead of storing them: much less activation "
+        "memory for about 20-30% more step time. Same loss and gradients."
+    )
+    distributed_timeout_minutes: int = Field(
+        30, ge=1, description="How long a process waits for the others at a collective (NCCL/gloo timeout) before the run fails."
+    )
     seed: int = Field(42, description="Seeds data order, initialisation and dropout: the same recipe gives the same run.")
     log_every_steps: int = Field(10, ge=1, description="Write a line to logs/steps.jsonl every N optimizer steps (and at each checkpoint).")
     dataloader_workers: int = Field(

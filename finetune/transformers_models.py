@@ -47,11 +47,11 @@ class TransformersClassifier(BaseTask):
         except Exception as exc:
             raise FinetuneError(f"model.name: could not load a tokenizer from '{source}': {type(exc).__name__}: {exc}") from None
 
-    def build_model(self, source: str, revision: str | None) -> TaskModel:
+    def build_model(self, source: str, revision: str | None, *, dtype=None) -> TaskModel:
         import transformers
 
         self.tokenizer = self.load_tokenizer(source, revision)
-        return classifier_task_model(getattr(transformers, self.auto_class), source, revision, self.class_names())
+        return classifier_task_model(getattr(transformers, self.auto_class), source, revision, self.class_names(), dtype=dtype)
 
     def collate(self, examples: list[dict]) -> dict:
         return self.collator(examples)
@@ -64,9 +64,11 @@ class TransformersClassifier(BaseTask):
         self.tokenizer.save_pretrained(directory)
 
 
-def classifier_task_model(auto_class, source: str, revision: str | None, labels: list[str]) -> TaskModel:
-    """`auto_class.from_pretrained(source)` with a head for `labels` (their names in the config's
-    `id2label`), its head modules found, and the modules an adapter targets for the architecture.
+def classifier_task_model(auto_class, source: str, revision: str | None, labels: list[str], *, dtype=None) -> TaskModel:
+    """`auto_class.from_pretrained(source)` in `dtype` (None: the checkpoint's own) with a head for `labels`
+    (their names in the config's `id2label`), its head modules found, and the modules an adapter
+    targets for the architecture. transformers loads the weights straight into place (no random
+    initialisation first, one copy in memory).
 
     `auto_class` is a transformers Auto class such as AutoModelForTokenClassification; a load
     failure becomes a FinetuneError naming `model.name`."""
@@ -74,6 +76,7 @@ def classifier_task_model(auto_class, source: str, revision: str | None, labels:
         model, info = auto_class.from_pretrained(
             source,
             revision=revision,
+            dtype=dtype or "auto",
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},

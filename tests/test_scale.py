@@ -107,3 +107,79 @@ def test_text_to_image_lora_checkpoints_are_adapter_sized_and_resume_bit_identic
     resumed = rewind(whole, tmp_path / "resumed")
     run_ok(tmp_path / "resumed.yaml", {**recipe, "output": {"dir": str(resumed)}}, "--resume")
     same_files(whole / "model", resumed / "model")
+
+
+# -- low memory on one device -----------------------------------------------------------------
+def test_bfloat16_weights_load_frozen_in_bf16_and_train_in_float32(tmp_path, own_model, sentiment_dir):
+    recipe = testing.text_recipe(own_model, sentiment_dir, tmp_path / "run", "lora", model={"dtype": "bfloat16"},
+                                 train={"epochs": 2, "mixed_precision": "bf16"})
+    run_dir = run_ok(tmp_path / "run.yaml", recipe)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    dtypes = summary["parameters"]["dtypes"]
+    assert dtypes["frozen"] == {"bfloat16": summary["parameters"]["total"] - summary["parameters"]["trainable"]}
+    assert dtypes["trainable"] == {"float32": summary["parameters"]["trainable"]}
+    adapter = load_file(run_dir / "model" / "adapter_model.safetensors")
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero
+    # Under bf16 autocast the matrix products run in bf16 either way: float32 weights give nearly the same run.
+    fp32 = run_ok(tmp_path / "fp32.yaml", {**recipe, "model": {"name": str(own_model)}, "output": {"dir": str(tmp_path / "fp32")}})
+    reference = json.loads((fp32 / "metrics.json").read_text())["metrics"]
+    assert summary["metrics"]["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], abs=0.01)
+
+    without_autocast = {**recipe, "train": {**recipe["train"], "mixed_precision": "no"}, "output": {"dir": str(tmp_path / "no")}}
+    result = invoke("run", testing.write_recipe(tmp_path / "no.yaml", without_autocast))
+    assert result.exit_code == 1 and "train.mixed_precision: bf16" in result.output and "Traceback" not in result.output
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "logs" / "steps.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def text_lora(tmp_path, model, data):
+    return testing.text_recipe(model, data, tmp_path, "lora", train={"max_steps": 4, "log_every_steps": 1})
+
+
+def image_full(tmp_path, model, data):  # a ViT: layer norm (batch norm that trains is refused, see below)
+    return testing.image_recipe(model, data, tmp_path, "full", train={"max_steps": 4, "log_every_steps": 1, "batch_size": 4})
+
+
+def sd_lora(tmp_path, model, data):
+    recipe = testing.text_to_image_recipe(model, data, tmp_path, "lora", train={"max_steps": 3, "log_every_steps": 1,
+                                                                                "batch_size": 2})
+    recipe["task"]["options"]["validation_prompts"] = []
+    return recipe
+
+
+def color_folder(tmp_path: Path) -> Path:
+    return testing.write_image_folder(tmp_path / "images", {"train": testing.color_images(30), "test": testing.color_images(6, seed=1)})
+
+
+@pytest.mark.parametrize("kind", ["text-lora", "image-full", "text-to-image-lora"])
+def test_gradient_checkpointing_gives_the_same_losses_gradients_and_weights(kind, tmp_path, own_model, sentiment_dir):
+    if kind == "text-lora":
+        recipe, model_file = text_lora(tmp_path / "plain", own_model, sentiment_dir), "adapter_model.safetensors"
+    elif kind == "image-full":
+        model = testing.tiny_timm_model(tmp_path / "vit", "test_vit", num_classes=3)
+        recipe, model_file = image_full(tmp_path / "plain", model, color_folder(tmp_path)), "model.safetensors"
+    else:
+        model = testing.tiny_stable_diffusion(tmp_path / "sd")
+        data = testing.write_captioned_folder(tmp_path / "captions", testing.captioned_images(8, size=24))
+        recipe, model_file = sd_lora(tmp_path / "plain", model, data), "pytorch_lora_weights.safetensors"
+    plain = run_ok(tmp_path / "plain.yaml", recipe)
+    checkpointed = run_ok(tmp_path / "checkpointed.yaml", {**recipe, "train": {**recipe["train"], "gradient_checkpointing": True},
+                                                            "output": {"dir": str(tmp_path / "checkpointed")}})
+    a, b = step_records(plain), step_records(checkpointed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    wa, wb = load_file(plain / "model" / model_file), load_file(checkpointed / "model" / model_file)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_gradient_checkpointing_over_training_batch_norm_is_refused(tmp_path):
+    # Recomputing a batch-norm layer in training mode would update its running statistics twice per step.
+    recipe = image_full(tmp_path / "run", testing.tiny_timm_model(tmp_path / "resnet", num_classes=3), color_folder(tmp_path))
+    recipe["train"]["gradient_checkpointing"] = True
+    result = invoke("run", testing.write_recipe(tmp_path / "run.yaml", recipe))
+    assert result.exit_code == 1 and "batch-norm layers train" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()

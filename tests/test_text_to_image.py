@@ -140,8 +140,9 @@ def assert_every_lora_layer_trained(weights: dict) -> None:
 
 
 def test_lora_on_the_text_encoder_when_asked(sd_dir, captions_dir, tmp_path):
-    recipe = testing.text_to_image_recipe(sd_dir, captions_dir, tmp_path / "run", "lora", output={"merged": True})
-    recipe["task"]["options"].update(train_text_encoder=True, gradient_checkpointing=True, validation_prompts=[])
+    recipe = testing.text_to_image_recipe(sd_dir, captions_dir, tmp_path / "run", "lora", output={"merged": True},
+                                          train={"gradient_checkpointing": True})
+    recipe["task"]["options"].update(train_text_encoder=True, validation_prompts=[])
     summary = testing.run_recipe(tmp_path / "r.yaml", recipe)
     weights = load_file(summary.model_dir / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in weights} == {"unet", "text_encoder"}
@@ -262,14 +263,19 @@ def test_the_validation_loss_is_fixed_and_precomputed_latents_give_the_same(sd_d
 
 def test_v_prediction_with_snr_weighting_precomputed_latents_checkpointing_and_bf16(tmp_path, captions_dir):
     sd = testing.tiny_stable_diffusion(tmp_path / "sd-v", prediction_type="v_prediction")
-    recipe = testing.text_to_image_recipe(sd, captions_dir, tmp_path / "run", "lora", train={"mixed_precision": "bf16"})
-    recipe["task"]["options"].update(snr_gamma=5.0, precompute_latents=True, gradient_checkpointing=True, validation_prompts=[])
+    recipe = testing.text_to_image_recipe(sd, captions_dir, tmp_path / "run", "lora",
+                                          train={"mixed_precision": "bf16", "gradient_checkpointing": True})
+    recipe["task"]["options"].update(snr_gamma=5.0, precompute_latents=True, validation_prompts=["a red square"], sample_steps=2)
     summary = testing.run_recipe(tmp_path / "r.yaml", recipe)
     steps = [json.loads(line) for line in (summary.run_dir / "logs" / "steps.jsonl").read_text().splitlines()]
     assert all(math.isfinite(s["loss"]) for s in steps if "loss" in s)
     assert math.isfinite(summary.metrics["eval"]["loss"])
     weights = load_file(summary.model_dir / "pytorch_lora_weights.safetensors")
     assert_every_lora_layer_trained(weights)  # gradients reached every adapter through the checkpointed blocks
+    # The frozen VAE and text encoder trained in bf16; the LoRA layers stayed float32; sampling mixes them.
+    dtypes = summary.parameters["dtypes"]
+    assert set(dtypes["trainable"]) == {"float32"} and set(dtypes["frozen"]) == {"float32", "bfloat16"}
+    assert list((summary.run_dir / "samples").glob("*.png"))
 
 
 def test_the_text_to_image_task_conforms(sd_dir, tmp_path, monkeypatch):

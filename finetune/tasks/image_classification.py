@@ -87,7 +87,7 @@ class ImageClassification(BaseTask):
         return {"labels": list(range(len(self.labels)))}  # every class counts at every evaluation
 
     # -- model ----------------------------------------------------------------------------
-    def build_model(self, source: str, revision: str | None) -> TaskModel:
+    def build_model(self, source: str, revision: str | None, *, dtype=None) -> TaskModel:
         import timm
 
         name = timm_name(source, revision)
@@ -104,6 +104,8 @@ class ImageClassification(BaseTask):
                 "(resnet50.a1_in1k), a Hub repo (timm/vit_small_patch16_224.augreg_in21k, hf-hub:...) or a local "
                 "folder holding config.json and model.safetensors; without access to the Hub, use a local folder."
             ) from None
+        if dtype is not None:
+            model.to(dtype)  # timm builds in float32; "auto" keeps that
         model.name_or_path = name  # peft records it as the adapter's base_model_name_or_path
         head = _head_modules(model)
         return TaskModel(model=model, head=head, adapter_targets=_adapter_targets(model, head),

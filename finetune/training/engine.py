@@ -54,9 +54,12 @@ def make_accelerator(recipe: Recipe):
 
 
 def count_parameters(model) -> dict:
+    """Trainable and total parameters, and how many of each side are stored in which dtype."""
+    from finetune.training.precision import parameter_dtypes
+
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": total}
+    return {"trainable": trainable, "total": total, "dtypes": parameter_dtypes(model)}
 
 
 def rank_checksums(accelerator, model) -> list[float]:

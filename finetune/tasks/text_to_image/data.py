@@ -53,7 +53,7 @@ def encode_latents(split, examples: Examples, vae, fingerprint: str):
     def encode(batch):
         out = examples(batch)
         with torch.no_grad():
-            pixels = torch.stack(out.pop("pixel_values")).to(device)
+            pixels = torch.stack(out.pop("pixel_values")).to(device, vae.dtype)  # bf16 under mixed precision
             out["latent_parameters"] = vae.encode(pixels).latent_dist.parameters.float().cpu().numpy()
         out["input_ids"] = torch.stack(out["input_ids"]).numpy()
         return out

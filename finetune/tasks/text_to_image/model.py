@@ -20,14 +20,15 @@ from finetune.errors import FinetuneError
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def load_pipeline(source: str, revision: str | None, eval_timesteps: list[int]):
-    """The Stable Diffusion pipeline at `source` and a DDPM scheduler of its training noise; a model this
-    task cannot train, or eval timesteps outside its schedule, are refused naming the recipe key."""
+def load_pipeline(source: str, revision: str | None, eval_timesteps: list[int], dtype=None):
+    """The Stable Diffusion pipeline at `source`, in `dtype` (None: float32), and a DDPM scheduler of its
+    training noise; a model this task cannot train, or eval timesteps outside its schedule, are refused
+    naming the recipe key. diffusers loads the weights straight into place (low_cpu_mem_usage)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(source, revision=revision, safety_checker=None,
-                                                           requires_safety_checker=False)
+                                                           requires_safety_checker=False, torch_dtype=dtype)
     except Exception as exc:
         raise FinetuneError(
             f"model.name: diffusers could not load a Stable Diffusion pipeline from '{source}': {type(exc).__name__}: "

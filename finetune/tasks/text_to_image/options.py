@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from finetune.images import ImageOptions
 
@@ -17,7 +17,6 @@ class TextToImageOptions(ImageOptions):
     snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR loss weighting with this gamma (5.0 is the paper's); null: the plain MSE."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, about 20% slower.")
     precompute_latents: bool = Field(
         False, description="Encode every image with the VAE once before training (faster epochs; a training image keeps "
         "the one crop and flip drawn then)."
@@ -30,6 +29,13 @@ class TextToImageOptions(ImageOptions):
     sample_seeds: list[int] = Field([0], min_length=1, description="One image per prompt and seed.")
     sample_steps: int = Field(30, ge=1, description="Inference steps per sample.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale of the samples.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "gradient_checkpointing" in data:
+            raise ValueError("gradient_checkpointing is now a key of every task: move it to train.gradient_checkpointing")
+        return data
 
     @field_validator("resolution")
     @classmethod

@@ -53,17 +53,12 @@ class TextToImage(BaseTask):
         return self.facts
 
     # -- model ----------------------------------------------------------------------------
-    def build_model(self, source: str, revision: str | None) -> TaskModel:
+    def build_model(self, source: str, revision: str | None, *, dtype=None) -> TaskModel:
         from finetune.tasks.text_to_image.model import DiffusionModel, load_pipeline
 
-        self.pipeline, noise_scheduler = load_pipeline(source, revision, self.options.eval_timesteps)
+        self.pipeline, noise_scheduler = load_pipeline(source, revision, self.options.eval_timesteps, dtype)
         self.source, self.revision = source, revision
         pipeline, train_text = self.pipeline, self.options.train_text_encoder
-        if self.options.gradient_checkpointing:
-            pipeline.unet.enable_gradient_checkpointing()
-            if train_text:
-                # Non-reentrant: with reentrant checkpointing the frozen encoder's LoRA layers get no gradient.
-                pipeline.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = DiffusionModel(pipeline.unet, pipeline.vae, pipeline.text_encoder, noise_scheduler, self.options.snr_gamma)
         return TaskModel(
             model=model,
@@ -111,7 +106,7 @@ class TextToImage(BaseTask):
     def save(self, model, directory: Path, *, adapter: bool) -> None:
         from diffusers import StableDiffusionPipeline
 
-        from finetune.tasks.text_to_image.model import lora_layers
+        from finetune.tasks.text_to_image.model import diffusion_model_of, lora_layers
 
         if adapter:
             layers = lora_layers(model)
@@ -123,7 +118,10 @@ class TextToImage(BaseTask):
                 text_encoder_lora_adapter_metadata=layers.get("text_encoder", (None, None))[1],
             )
         else:  # the base pipeline with the trained parts; its safety checker, if it has one, is loaded and kept
-            pipeline = StableDiffusionPipeline.from_pretrained(self.source, revision=self.revision, **self._components(model))
+            # The frozen parts come from the source again, in its precision (training may have held them in bf16).
+            trained = diffusion_model_of(model)
+            parts = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if self.options.train_text_encoder else {})}
+            pipeline = StableDiffusionPipeline.from_pretrained(self.source, revision=self.revision, **parts)
             pipeline.save_pretrained(directory)
 
     def _components(self, model) -> dict:
@@ -131,6 +129,9 @@ class TextToImage(BaseTask):
         from finetune.tasks.text_to_image.model import diffusion_model_of
 
         trained = diffusion_model_of(model).eval()
+        # Outside autocast every component must share one precision: the frozen ones may have trained in bf16.
+        trained.vae.to(trained.unet.dtype)
+        trained.text_encoder.to(trained.unet.dtype)
         return dict(unet=trained.unet, vae=trained.vae, text_encoder=trained.text_encoder,
                     tokenizer=self.pipeline.tokenizer, scheduler=self.pipeline.scheduler)
 
