@@ -227,8 +227,11 @@ class Task(Protocol):
         example of any length (a sentence's tags), gathered as Python objects; predictions.json stores
         them as given."""
 
-    def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool) -> None:
-        """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image processor."""
+    def save(self, model: torch.nn.Module, directory: Path, *, adapter: bool, state_dict: dict | None = None) -> None:
+        """Write the model in its ecosystem's format (an adapter when `adapter` is true) with its tokenizer or image
+        processor. Under a sharded engine (FSDP, DeepSpeed ZeRO-3) `state_dict` holds the full weights gathered for
+        saving (the model's own are shards), as transformers' `save_pretrained(state_dict=...)` takes them; a
+        task whose save does not take `state_dict` is refused under those engines."""
 
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
         """Card metadata, a usage snippet for `artifact`, and task-specific sections, from the

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,22 +40,32 @@ def main():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @click.option("--resume", is_flag=True, help="Continue the run from its latest complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
-@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train with this many processes (data parallel, real gradient synchronisation).")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Processes per machine (data parallel, one per GPU); default 1, or the accelerate config's.")
+@click.option("--accelerate-config", type=click.Path(dir_okay=False, exists=True),
+              help="Launch with this accelerate config file (DDP, FSDP, DeepSpeed; see recipes/accelerate/).")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Machines in the job.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This machine's index, 0 to nnodes-1.")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous address of node 0 (needed with --nnodes > 1).")
+@click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU (CUDA, MPS, XPU) is available.")
 @user_errors
-def run(recipe, overrides, resume, overwrite, processes):
+def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnodes, node_rank, rdzv_endpoint, cpu):
     """Fine-tune, evaluate and write the model and its card, as RECIPE says."""
+    from finetune.launch import Launch
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    if processes > 1 and "LOCAL_RANK" not in os.environ:
-        from finetune.rundir import RunLayout
+    if cpu:
+        os.environ[FORCE_CPU_ENV] = "1"  # read by finetune.training.engine, here and in the launched processes
+    launch = Launch(processes, accelerate_config, nnodes, node_rank, rdzv_endpoint)
+    if launch.needed:
+        if node_rank == 0:  # checked once, on the first machine, so a refusal is one message rather than one per process
+            from finetune.rundir import RunLayout
 
-        # Checked once here, so a refusal is one message rather than one per process.
-        RunLayout(loaded.run_dir).check_startable(loaded.to_yaml(), resume=resume, overwrite=overwrite)
-        status = _launch(processes)
-        if status == 0 and loaded.hub.push:
-            _push_after_run(loaded)  # once, from the launcher, after every rank has finished
+            RunLayout(loaded.run_dir).check_startable(loaded.to_yaml(), resume=resume, overwrite=overwrite)
+        status = launch.start(sys.argv[1:], {LAUNCHED_ENV: "1"})
+        if status == 0 and loaded.hub.push and node_rank == 0:
+            _push_after_run(loaded)  # once, from the first machine's launcher, after every rank has finished
         sys.exit(status)
 
     from finetune.pipeline import run as run_pipeline
@@ -134,7 +143,8 @@ def list_plugins():
 
 
 PUSH_FAILED = 3  # `finetune run`: trained and saved, but the push failed
-LAUNCHED_ENV = "FINETUNE_LAUNCHED"  # set for the ranks that --processes starts: the launcher pushes
+FORCE_CPU_ENV = "FINETUNE_CPU"  # --cpu; accelerate's launchers rewrite ACCELERATE_USE_CPU, so finetune has its own
+LAUNCHED_ENV = "FINETUNE_LAUNCHED"  # set for the processes a launcher starts: the launcher pushes
 
 
 def _push_after_run(recipe) -> None:
@@ -166,20 +176,6 @@ def _push(run_dir: Path, target, dry_run: bool = False) -> None:
         return
     click.echo(f"Pushing {len(plan.files)} files to {target.repo_id} ({target.revision}) ...")
     click.echo(f"pushed: {push(plan)}")
-
-
-def _launch(processes: int) -> int:
-    """Re-run this very command under torch.distributed.run, one process per rank.
-
-    On a machine without a GPU each rank trains on the CPU and gradients are averaged over gloo."""
-    import torch
-
-    env = {**os.environ, LAUNCHED_ENV: "1"}
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "finetune", *sys.argv[1:]]
-    return subprocess.call(command, env=env)
 
 
 def _print_summary(summary) -> None:

@@ -50,24 +50,49 @@ class _Run:
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
+    try:
+        return _run(recipe, resume=resume, overwrite=overwrite)
+    except RuntimeError as exc:  # torch.distributed's errors (DistBackendError is one)
+        if not _lost_peers(exc):
+            raise
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError(
+            f"A process waited for the others at a collective longer than train.distributed_timeout_minutes "
+            f"({recipe.train.distributed_timeout_minutes:g}), or lost them ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "Raise train.distributed_timeout_minutes when one process legitimately works alone for that long (preparing "
+            "a large dataset); otherwise look for a process that died first (its own error is above)."
+        ) from None
+
+
+def _lost_peers(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(sign in text for sign in ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe"))
+
+
+def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> RunSummary:
+    from finetune.training.engine import check_shared_run_dir, is_sharded
     from finetune.training.loop import train
 
     layout = RunLayout(recipe.run_dir)
     layout.check_startable(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     r = _build(recipe, layout)
-    with r.accelerator.main_process_first():  # the main process tokenises, the others read its cache
+    with r.accelerator.local_main_process_first():  # per node: its main process tokenises, the others read its cache
         processed = r.task.preprocess(r.splits, r.task_model)
 
     if r.accelerator.is_main_process:
         layout.begin(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     r.accelerator.wait_for_everyone()
+    check_shared_run_dir(r.accelerator, layout.root)
 
     trained = train(r.accelerator, r.model, r.task, r.method, r.frozen, processed, recipe, r.metrics,
                     layout.checkpoints, layout.steplog, resume)
     final = _final_evaluations(r, trained, processed)
     summary = _summary(r, trained, final)
+    # The last collective: under FSDP / ZeRO-3 the full weights are gathered onto the main process for saving.
+    gathered = r.accelerator.get_state_dict(trained.model) if is_sharded(r.accelerator) else None
     if r.accelerator.is_main_process:
-        _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary)
+        _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary, gathered)
     r.accelerator.end_training()
     return RunSummary(layout.root, layout.model, layout.card, summary["metrics"], r.parameters)
 
@@ -80,13 +105,15 @@ def _build(recipe: Recipe, layout: RunLayout) -> _Run:
     from finetune.data import finish_splits, load_splits
     from finetune.metrics import Metrics
     from finetune.sources import resolve_model_source
-    from finetune.training.engine import count_parameters, make_accelerator
+    from finetune.training.engine import check_engine, count_parameters, make_accelerator
 
     task = plugins.load(plugins.TASKS, recipe.task.name)(recipe.task_options)
     method = plugins.load(plugins.METHODS, recipe.method.name)(recipe.method_options)
     accelerator = make_accelerator(recipe)
-    # The main process does the expensive checks (decoding every image) and caches them; the others read its cache.
-    with accelerator.main_process_first():
+    check_engine(accelerator, recipe, task, method)
+    # Each node's main process does the expensive checks (decoding every image) and caches them in the node's
+    # datasets cache; the node's other processes read that cache.
+    with accelerator.local_main_process_first():
         splits = task.prepare_data(load_splits(recipe))
     eval_carved = "eval" not in splits
     splits = finish_splits(splits, recipe, task.stratify_column)
@@ -195,7 +222,7 @@ def _final_evaluations(r: _Run, trained, processed) -> dict:
 
 def _summary(r: _Run, trained, final: dict) -> dict:
     """metrics.json, but for the facts only the main process collects (_write_outputs adds them)."""
-    from finetune.training.engine import rank_checksums
+    from finetune.training.engine import is_sharded, rank_checksums
 
     state = trained.state
     summary = {
@@ -211,12 +238,12 @@ def _summary(r: _Run, trained, final: dict) -> dict:
         "lr_changes": state.lr_changes,
         "history": state.history,
     }
-    if r.accelerator.num_processes > 1:
+    if r.accelerator.num_processes > 1 and not is_sharded(r.accelerator):  # shards differ by design
         summary["rank_checksums"] = rank_checksums(r.accelerator, r.accelerator.unwrap_model(trained.model))
     return summary
 
 
-def _write_outputs(r: _Run, model, final: dict, summary: dict) -> None:
+def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | None) -> None:
     """On the main process alone: the provenance facts, the model (and its merged copy), the samples,
     the predictions, metrics.json and the card. Each output is moved into place once complete."""
     from finetune.card import write_card
@@ -227,7 +254,7 @@ def _write_outputs(r: _Run, model, final: dict, summary: dict) -> None:
     summary["data"] = describe_data(recipe, r.splits, eval_carved=r.eval_carved, task_facts=task.data_facts())
     summary["environment"] = describe_environment(r.accelerator)
     with atomic_path(layout.model) as tmp:
-        task.save(model, tmp, adapter=method.produces_adapter)
+        task.save(model, tmp, adapter=method.produces_adapter, **({} if gathered is None else {"state_dict": gathered}))
     _write_samples(task, model, layout)  # after the save (a failure here loses no model), before any merge
     if recipe.writes_merged and method.produces_adapter:
         # Merging changes `model` in place (peft's merge_and_unload): nothing may use the adapter model after this.

@@ -141,8 +141,8 @@ class TrainSection(Section):
         False, description="Recompute activations in the backward pass instead of storing them: much less activation "
         "memory for about 20-30% more step time. Same loss and gradients."
     )
-    distributed_timeout_minutes: int = Field(
-        30, ge=1, description="How long a process waits for the others at a collective (NCCL/gloo timeout) before the run fails."
+    distributed_timeout_minutes: float = Field(
+        30, gt=0, description="How long a process waits for the others at a collective (NCCL/gloo timeout) before the run fails."
     )
     seed: int = Field(42, description="Seeds data order, initialisation and dropout: the same recipe gives the same run.")
     log_every_steps: int = Field(10, ge=1, description="Write a line to logs/steps.jsonl every N optimizer steps (and at each checkpoint).")

@@ -59,8 +59,8 @@ class TransformersClassifier(BaseTask):
     def training_step(self, model, batch: dict) -> dict:
         return {"loss": model(**batch).loss}  # the model's own loss: the mean over the batch's labelled items
 
-    def save(self, model, directory: Path, *, adapter: bool) -> None:
-        model.save_pretrained(directory)  # a PEFT adapter (with the head) or a full model
+    def save(self, model, directory: Path, *, adapter: bool, state_dict: dict | None = None) -> None:
+        model.save_pretrained(directory, state_dict=state_dict)  # a PEFT adapter (with the head) or a full model
         self.tokenizer.save_pretrained(directory)
 
 

@@ -165,5 +165,5 @@ def test_fp16_without_a_gpu_is_refused_rather_than_run_in_fp32(tmp_path, distilb
         pytest.skip("this machine has a GPU: fp16 is available")
     before = snapshot(previous_run)
     path = recipe_with(tmp_path, distilbert_dir, sentiment_dir, previous_run, train={"mixed_precision": "fp16"})
-    assert "train.mixed_precision: 'fp16' needs a CUDA GPU, and none is in use here" in fail(path, "--overwrite")
+    assert "train.mixed_precision: 'fp16' needs a GPU, and this run is on the CPU" in fail(path, "--overwrite")
     assert snapshot(previous_run) == before

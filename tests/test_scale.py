@@ -4,7 +4,10 @@ multi-node launch, process-group timeouts. Every check runs on the CPU, offline.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,150 @@ def test_gradient_checkpointing_over_training_batch_norm_is_refused(tmp_path):
     result = invoke("run", testing.write_recipe(tmp_path / "run.yaml", recipe))
     assert result.exit_code == 1 and "batch-norm layers train" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+# -- accelerate configs, several processes, several machines -----------------------------------
+ACCELERATE_CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_is_read_by_accelerate(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.distributed_type in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+    if loaded.distributed_type == "DEEPSPEED":
+        assert loaded.deepspeed_config["gradient_accumulation_steps"] == 1  # finetune accumulates itself
+        assert loaded.deepspeed_config["zero_stage"] < 3 or loaded.deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_an_accelerate_config_with_a_typo_is_named(tmp_path, own_model, sentiment_dir):
+    config = tmp_path / "bad.yaml"
+    config.write_text(ACCELERATE_CONFIGS[0].read_text() + "num_procesess: 2\n")
+    recipe = testing.write_recipe(tmp_path / "r.yaml", testing.text_recipe(own_model, sentiment_dir, tmp_path / "run"))
+    result = invoke("run", recipe, "--accelerate-config", config)
+    assert result.exit_code == 1 and f"--accelerate-config: accelerate cannot read {config}" in result.output
+    assert "num_procesess" in result.output and not (tmp_path / "run").exists()
+
+
+def launch(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def ddp_recipe(tmp_path: Path, model: Path, data: Path, name: str, **train) -> Path:
+    recipe = testing.text_recipe(model, data, tmp_path / name, "lora", train={"epochs": 1, "batch_size": 4, **train})
+    return testing.write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    testing.write_jsonl(tmp_path / "data" / "train.jsonl", testing.sentiment_examples(32, seed=1))
+    testing.write_jsonl(tmp_path / "data" / "test.jsonl", testing.sentiment_examples(8, seed=2))
+    return tmp_path / "data"
+
+
+@pytest.mark.slow
+def test_the_ddp_config_and_torchrun_train_the_same_two_processes(tmp_path, own_model, small_data):
+    by_config = launch("run", ddp_recipe(tmp_path, own_model, small_data, "config"), "--accelerate-config",
+                       Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp-cpu.yaml")
+    assert by_config.returncode == 0, by_config.stderr[-3000:]
+    by_torchrun = launch("run", ddp_recipe(tmp_path, own_model, small_data, "torchrun"), "--processes", 2)
+    assert by_torchrun.returncode == 0, by_torchrun.stderr[-3000:]
+    checksums = json.loads((tmp_path / "config" / "metrics.json").read_text())["rank_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    same_files(tmp_path / "config" / "model", tmp_path / "torchrun" / "model")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*node_args: list) -> list[subprocess.CompletedProcess]:
+    """Two `finetune run` launchers on this machine as nodes 0 and 1, meeting over loopback."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "finetune", "run", *map(str, args), "--nnodes", "2", "--node-rank",
+                               str(rank), "--rdzv-endpoint", endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for rank, args in enumerate(node_args)]
+    return [subprocess.CompletedProcess(n.args, n.wait(timeout=600), *n.communicate()) for n in nodes]
+
+
+@pytest.mark.slow
+def test_two_nodes_over_loopback_train_as_one_job_with_one_set_of_outputs(tmp_path, own_model, small_data):
+    recipe = ddp_recipe(tmp_path, own_model, small_data, "run")
+    for node in two_nodes([recipe], [recipe]):
+        assert node.returncode == 0, node.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(summary["rank_checksums"]) == 2 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    assert len(checkpoints(tmp_path / "run")) == 1 and not list((tmp_path / "run").glob(".*"))  # no leftovers
+    # The same job as two processes on one machine.
+    alone = launch("run", ddp_recipe(tmp_path, own_model, small_data, "one-machine"), "--processes", 2)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    same_files(tmp_path / "run" / "model", tmp_path / "one-machine" / "model")
+
+
+@pytest.mark.slow
+def test_machines_that_do_not_share_the_run_directory_are_refused(tmp_path, own_model, small_data):
+    recipe = ddp_recipe(tmp_path, own_model, small_data, "run")
+    nodes = two_nodes([recipe], [recipe, "--set", f"output.dir={tmp_path / 'elsewhere'}"])  # node 1 looks elsewhere
+    assert all(node.returncode != 0 for node in nodes)
+    assert "is not shared by every machine" in nodes[0].stderr and "processes [1]" in nodes[0].stderr
+    assert not checkpoints(tmp_path / "run")
+
+
+# -- long work on one process, and the process-group timeout ------------------------------------
+SLOW_TASK = '''
+import os, time
+from finetune.tasks.text_classification import TextClassification
+
+
+def nap(where):
+    if os.environ.get("NAP_WHERE") == where and os.environ.get("RANK", "0") == "0":
+        time.sleep(float(os.environ["NAP_SECONDS"]))
+
+
+class SlowText(TextClassification):
+    def prepare_data(self, splits):
+        nap("prepare_data")  # inside local_main_process_first: the other process waits at a barrier
+        return super().prepare_data(splits)
+
+    def data_facts(self):
+        nap("outputs")  # on the main process after the last collective, with the other outputs
+        return super().data_facts()
+'''
+
+
+@pytest.fixture
+def slow_task_site(tmp_path) -> Path:
+    return testing.write_distribution(tmp_path / "site", "slow-task", "1.0",
+                                      {"finetune.tasks": {"slow-text": "slow_task:SlowText"}}, {"slow_task.py": SLOW_TASK})
+
+
+def napping_run(tmp_path, model, data, site, where: str, name: str) -> subprocess.CompletedProcess:
+    recipe = testing.text_recipe(model, data, tmp_path / name, "lora",
+                                 train={"epochs": 1, "batch_size": 4, "distributed_timeout_minutes": 0.05})  # 3 s
+    recipe["task"]["name"] = "slow-text"
+    path = testing.write_recipe(tmp_path / f"{name}.yaml", recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "NAP_WHERE": where, "NAP_SECONDS": "8"}
+    return subprocess.run([sys.executable, "-m", "finetune", "run", str(path), "--processes", "2"], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_long_main_process_work_after_the_last_collective_outlives_a_short_timeout(tmp_path, own_model, small_data, slow_task_site):
+    done = napping_run(tmp_path, own_model, small_data, slow_task_site, "outputs", "late")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "late" / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_the_timeout_is_honoured_inside_a_collective_wait(tmp_path, own_model, small_data, slow_task_site):
+    done = napping_run(tmp_path, own_model, small_data, slow_task_site, "prepare_data", "early")
+    assert done.returncode != 0
+    assert "train.distributed_timeout_minutes (0.05)" in done.stderr

@@ -7,30 +7,33 @@ recipe into its arguments and accelerate's refusals into messages that name the 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
 
 def make_accelerator(recipe: Recipe):
+    """The Accelerator for `recipe`. accelerate picks the device (CUDA, MPS, XPU, NPU or the CPU) and, from the
+    environment its launcher or a config file set, the engine (DDP, FSDP, DeepSpeed); `finetune run --cpu`
+    (FINETUNE_CPU, or accelerate's ACCELERATE_USE_CPU) forces the CPU."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedType
+    from accelerate.utils import InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1"
+    forced_cpu = os.environ.get("FINETUNE_CPU") == "1" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    # Several processes on a machine without an accelerator: accelerate would start each alone; gloo joins them.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = forced_cpu or (several and not torch.accelerator.is_available())
     precision = recipe.train.mixed_precision
-    if precision == "fp16" and cpu:
-        # accelerate would accept it and quietly train in fp32 (no autocast, no gradient scaler).
-        raise FinetuneError(
-            "train.mixed_precision: 'fp16' needs a CUDA GPU, and none is in use here; "
-            "set train.mixed_precision to bf16 (autocast on the CPU too) or no."
-        )
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.distributed_timeout_minutes))
     try:
         # Accumulation is done by the training loop (exact on a short last window), not by accelerate.
         accelerator = Accelerator(
             mixed_precision=precision,
             cpu=cpu,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+            kwargs_handlers=[timeout],
         )
     except (ValueError, RuntimeError) as exc:
         if "already been initialized" in str(exc):
@@ -42,13 +45,13 @@ def make_accelerator(recipe: Recipe):
             ) from None
         raise FinetuneError(
             f"accelerate could not start ({type(exc).__name__}: {exc}); the recipe asks for train.mixed_precision "
-            f"'{precision}' on the {'CPU' if cpu else 'GPU'}. Fix what accelerate names, or set train.mixed_precision: no."
+            f"'{precision}'. Fix what accelerate names, or set train.mixed_precision: no."
         ) from None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Its engine steps inside backward at every micro-batch unless told the window; not wired up yet.
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would accept it and quietly train in fp32 (no autocast, no gradient scaler).
         raise FinetuneError(
-            "DeepSpeed is not supported by finetune's training loop yet; launch with DDP (finetune run --processes N, "
-            "torchrun, or an accelerate config without deepspeed_config)."
+            "train.mixed_precision: 'fp16' needs a GPU, and this run is on the CPU; "
+            "set train.mixed_precision to bf16 (autocast on the CPU too) or no."
         )
     return accelerator
 
@@ -68,3 +71,65 @@ def rank_checksums(accelerator, model) -> list[float]:
 
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     return accelerator.gather(checksum.to(accelerator.device)).tolist()
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether no process holds the whole model: FSDP, or DeepSpeed ZeRO stage 3."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def check_engine(accelerator, recipe: Recipe, task, method) -> None:
+    """Refuse, before any training, what a sharded engine cannot give this run."""
+    import inspect
+
+    if not is_sharded(accelerator):
+        return
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if "state_dict" not in inspect.signature(task.save).parameters:
+        raise FinetuneError(
+            f"The task '{recipe.task.name}' cannot save a model sharded by {engine} (its save takes no gathered "
+            "state_dict). Train it with DDP (finetune run --processes N) or DeepSpeed ZeRO-2 "
+            "(recipes/accelerate/deepspeed-zero2.yaml), which keep a whole copy on every process."
+        )
+    if recipe.writes_merged and method.produces_adapter:
+        raise FinetuneError(
+            f"output.merged: merging the adapter needs the whole model on one process, which {engine} does not keep. "
+            "Leave output.merged (and hub.artifacts) off for this run, and merge the saved adapter afterwards."
+        )
+
+
+def check_shared_run_dir(accelerator, root) -> None:
+    """Over several machines, the run directory must be one shared filesystem (NFS, Lustre ...): the main
+    process commits every checkpoint that all processes wrote parts of, and resume reads them on every
+    machine. Checked by a file the main process writes and every process must see."""
+    import uuid
+    from pathlib import Path
+
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if local == accelerator.num_processes:
+        return  # one machine
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = Path(root) / f".shared-{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_text("finetune: checking the run directory is shared by every machine\n")
+    accelerator.wait_for_everyone()
+    seen = accelerator.gather(torch.tensor([probe.is_file()], device=accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    if not all(seen):
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        raise FinetuneError(
+            f"The run directory {root} is not shared by every machine: processes {blind} cannot see what the main "
+            "process writes there. A run over several machines needs output.dir on a filesystem they all mount "
+            "(NFS, Lustre, GPFS ...): checkpoints are committed by the main process and resumed on every machine."
+        )

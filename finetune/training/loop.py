@@ -61,7 +61,7 @@ class _Update:
     items: Any
     examples: int
     lr: float
-    grad_norm: float
+    grad_norm: float | None
 
 
 class Trainer:
@@ -89,6 +89,8 @@ class Trainer:
         fingerprint = shared_fingerprint(accelerator, model)  # of the frozen base, before any engine shards it
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.trainable = TrainableState(accelerator, self.model, fingerprint)
+        # The window's losses are scaled here already: DeepSpeed must not divide them by its accumulation steps too.
+        self.backward_options = {"scale_wrt_gas": False} if accelerator.distributed_type == "DEEPSPEED" else {}
         self.state = TrainerState(lr=t.lr)
         stop = recipe.eval.early_stopping
         self.stopping = stop
@@ -197,14 +199,16 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
+            acc.sync_gradients = last  # DeepSpeed's engine steps at a backward with sync_gradients, once per window
             with contextlib.nullcontext() if last else acc.no_sync(self.model):  # gradients sync once per window
                 loss = self.task.training_step(self.model, batch)["loss"]
                 # A micro-batch without items (every token ignored) has a NaN mean: it counts for nothing.
                 loss = torch.where(items[i] > 0, loss, torch.zeros_like(loss))
-                acc.backward(loss * items[i] * scale)
+                acc.backward(loss * items[i] * scale, **self.backward_options)
             loss_sum += loss.detach().float() * items[i]
         max_norm = self.recipe.train.max_grad_norm or math.inf  # inf: measured, not clipped
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # None: an engine that does not report it
+        grad_norm = None if grad_norm is None else float(grad_norm)
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         self._check_finite(float(loss_sum / total.clamp(min=1)), grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
@@ -217,12 +221,12 @@ class Trainer:
         examples = sum(batch_examples(b) for b in micro_batches) * acc.num_processes
         return _Update(loss_sum, total, examples, lr, grad_norm)
 
-    def _check_finite(self, loss: float, grad_norm: float) -> None:
+    def _check_finite(self, loss: float, grad_norm: float | None) -> None:
         """Stop before a non-finite update reaches the weights. Loss and norm are the same on every
         rank (reduced, and taken after gradient synchronisation), so every rank stops together. Under
         fp16 an infinite gradient is the scaler's business: it skips that update and lowers its scale."""
         scaled = self.accelerator.scaler is not None
-        if not (math.isfinite(loss) and (scaled or math.isfinite(grad_norm))):
+        if not (math.isfinite(loss) and (scaled or grad_norm is None or math.isfinite(grad_norm))):
             self._diverged(f"the training loss is {loss} and the gradient norm {grad_norm}")
 
     def _diverged(self, what: str):
@@ -333,7 +337,7 @@ class _LogWindow:
     def flush(self, step: int) -> dict:
         grad_norm = self.last.grad_norm
         record = {"step": step, "epoch": round(self.progress, 4), "loss": self.loss_sum / max(self.items, 1.0),
-                  "lr": self.last.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                  "lr": self.last.lr, "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                   "examples_per_s": self.examples / max(self.seconds, 1e-9)}
         progress = self.progress
         self.__init__()

@@ -1,0 +1,77 @@
+"""Starting the processes of a run on the launchers users already trust: torchrun for DDP over
+one or several machines, `accelerate launch` for a config file (DDP, FSDP, DeepSpeed).
+
+`finetune run RECIPE --processes 4` re-runs that same command line under torchrun, one process
+per GPU; with `--nnodes/--node-rank/--rdzv-endpoint` the processes of every machine meet at node
+0's address (torchrun's static rendezvous: each machine's rank is the one it is given).
+`--accelerate-config FILE` hands the command to `accelerate launch --config_file FILE`, which sets
+the engine for the processes through the environment, exactly as
+`accelerate launch --config_file FILE -m finetune run RECIPE` would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from finetune.errors import FinetuneError
+
+
+@dataclass
+class Launch:
+    processes: int | None
+    """Processes per machine; None: 1, or the accelerate config's num_processes."""
+    accelerate_config: str | None
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+    def __post_init__(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise FinetuneError("--nnodes: a job over several machines needs --rdzv-endpoint HOST:PORT, the address of node 0 "
+                                "that every machine can reach (e.g. $MASTER_ADDR:29500 under SLURM).")
+        if self.node_rank >= self.nnodes:
+            raise FinetuneError(f"--node-rank: {self.node_rank} is not below --nnodes {self.nnodes}; machines are numbered 0 to nnodes-1.")
+        if self.rdzv_endpoint and (":" not in self.rdzv_endpoint or not self.rdzv_endpoint.rsplit(":", 1)[1].isdigit()):
+            raise FinetuneError(f"--rdzv-endpoint: '{self.rdzv_endpoint}' is not HOST:PORT (e.g. 10.0.0.1:29500).")
+        if self.accelerate_config:
+            check_accelerate_config(self.accelerate_config)
+
+    @property
+    def needed(self) -> bool:
+        """Whether this process must start the run's processes (it is not one of them already)."""
+        launched = "LOCAL_RANK" in os.environ or os.environ.get("FINETUNE_LAUNCHED") == "1"
+        return not launched and ((self.processes or 1) > 1 or self.nnodes > 1 or self.accelerate_config is not None)
+
+    def command(self, arguments: list[str]) -> list[str]:
+        """The launcher's command line that runs `finetune <arguments>` in every process."""
+        if self.accelerate_config:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config]
+            if self.processes:
+                command += ["--num_processes", str(self.processes * self.nnodes)]  # accelerate counts them over all machines
+            if self.nnodes > 1:
+                host, port = self.rdzv_endpoint.rsplit(":", 1)
+                command += ["--num_machines", str(self.nnodes), "--machine_rank", str(self.node_rank),
+                            "--main_process_ip", host, "--main_process_port", port]
+            return [*command, "-m", "finetune", *arguments]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.processes or 1}"]
+        if self.nnodes == 1:
+            command.append("--standalone")
+        else:
+            command += [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--rdzv-endpoint={self.rdzv_endpoint}"]
+        return [*command, "-m", "finetune", *arguments]
+
+    def start(self, arguments: list[str], env: dict[str, str]) -> int:
+        return subprocess.call(self.command(arguments), env={**os.environ, **env})
+
+
+def check_accelerate_config(path: str) -> None:
+    """Parse the file with accelerate's own config loader: a typo is named now, not in every process later."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        load_config_from_file(path)
+    except Exception as exc:  # ValueError for unknown keys, yaml errors, a missing distributed_type
+        raise FinetuneError(f"--accelerate-config: accelerate cannot read {path}: {type(exc).__name__}: {exc}") from None
