@@ -92,3 +92,43 @@ def test_a_metric_plugin_naming_no_module_is_reported(tmp_path, monkeypatch):
         Metrics(["lost"])
     with pytest.raises(FinetuneError, match=r"the entry point must name a module \(package.module\), not an object in it"):
         plugins.metric_file("object")
+
+
+def test_evaluation_gathers_only_the_top_scores_and_ranks_as_the_full_scores_do():
+    # 12 classes: the ranking metric needs 5 scores per example; the evaluation moves only those, and
+    # top-5 accuracy equals the one of the full score matrix, computed by hand.
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from finetune.training.eval_loop import evaluate
+
+    generator = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(37, 12, generator=generator), torch.randint(0, 12, (37,), generator=generator)
+
+    class Scorer:
+        def eval_step(self, model, batch):
+            out = {"loss": torch.zeros(len(batch["labels"])), "predictions": batch["scores"].argmax(-1),
+                   "references": batch["labels"], "scores": batch["scores"]}
+            return out
+
+        def count_items(self, batch):
+            return torch.ones(len(batch["labels"]))
+
+    rows = [{"scores": s, "labels": y} for s, y in zip(scores, labels)]
+    loader = DataLoader(rows, batch_size=8, collate_fn=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+    metrics = Metrics(["accuracy", "top5_accuracy"])
+    assert metrics.score_top_k == 5
+    shapes = []
+
+    class Recording(Accelerator):
+        def gather_for_metrics(self, data, **options):
+            shapes.append(tuple(data.shape))
+            return super().gather_for_metrics(data, **options)
+
+    result = evaluate(Recording(cpu=True), torch.nn.Identity(), Scorer(), loader, metrics).metrics
+    assert (8, 5) in shapes and not [s for s in shapes if s[-1:] == (12,)]  # 5 scores per example, never 12
+    top5 = scores.topk(5, dim=-1).indices
+    by_hand = (top5 == labels[:, None]).any(dim=1).float().mean().item()
+    assert result["top5_accuracy"] == pytest.approx(by_hand)
+    assert result["accuracy"] == pytest.approx((scores.argmax(-1) == labels).float().mean().item())

@@ -131,13 +131,15 @@ def test_a_plugin_that_inherits_no_base_class_gets_the_optional_defaults():
         def __init__(self, options):
             self.options = options
 
-    assert set(OPTIONAL["task"]) == {"data_facts", "count_items", "metric_options", "write_samples"}
+    assert set(OPTIONAL["task"]) == {"data_facts", "count_items", "metric_options", "write_samples",
+                                     "enable_gradient_checkpointing"}
     assert check_plugin(BareTask, "task") == []
     loaded = with_defaults(BareTask, "task")
     assert loaded.__name__ == "BareTask" and loaded.__module__ == __name__ and issubclass(loaded, (BareTask, BaseTask))
     task = loaded(None)
     assert task.count_items({"input_ids": torch.zeros(3, 5)}).tolist() == [1.0, 1.0, 1.0]
     assert task.data_facts() == {} and task.metric_options() == {} and task.write_samples(None, None) is None
+    assert task.enable_gradient_checkpointing(torch.nn.Linear(2, 2)) == []  # no ecosystem switch in a bare module
     assert with_defaults(TextClassification, "task") is TextClassification  # a subclass of the base stays itself
 
     class Counting(BareTask):  # an optional member the plugin gives wins over the default

@@ -30,6 +30,15 @@ class Metrics:
         self._modules = [_load(name) for name in names]
         self._options = [_accepted(module, options or {}) for module in self._modules]
 
+    @property
+    def score_top_k(self) -> int | None:
+        """How many of each example's highest class scores the score-ranking metrics need: every one of them
+        declares a `top_k` (top5_accuracy: 5), so evaluation gathers only those, not a score per class;
+        None when no metric ranks scores or one needs them all (a Hub roc_auc)."""
+        ranking = [module for module in self._modules if _wants_scores(module)]
+        needs = [getattr(module, "top_k", None) for module in ranking]
+        return max(needs) if ranking and None not in needs else None
+
     def compute(self, predictions, references, scores=None) -> dict[str, float]:
         """`scores` (per-class scores per example) go to the metrics whose input is
         `prediction_scores`, as evaluate's own roc_auc names it; the others get the predicted ids."""

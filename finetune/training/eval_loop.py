@@ -31,14 +31,16 @@ def eval_loader(dataset, recipe, task):
 
 
 def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
-    """Items-weighted mean loss and metrics over `dataloader`, with every process's predictions. The model
-    is left in eval mode (the training loop puts it back into training mode its own way)."""
+    """Items-weighted mean loss and metrics over `dataloader`, with every process's predictions (on the main
+    process; the others keep none). The model is left in eval mode (the training loop puts it back into
+    training mode its own way)."""
     import torch
     from accelerate.utils import broadcast_object_list
 
     model.eval()
+    top_k, classes = metrics.score_top_k, 0
     weighted_losses = []  # per example: (loss × items, items), gathered, on the device
-    gathered: dict[str, list] = {"predictions": [], "references": [], "scores": []}
+    gathered: dict[str, list] = {"predictions": [], "references": [], "scores": [], "score_classes": []}
     with torch.no_grad():
         for batch in dataloader:
             out = task.eval_step(model, batch)
@@ -46,18 +48,20 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
             loss = _per_example(out["loss"], len(items)).float()
             pairs = torch.stack([torch.where(items > 0, loss * items, 0.0), items], dim=1)
             weighted_losses.append(accelerator.gather_for_metrics(pairs))
+            if "scores" in out and top_k is not None and out["scores"].shape[-1] > top_k:
+                # Only the highest scores travel: what the ranking metrics read, not one per class.
+                classes = out["scores"].shape[-1]
+                out["scores"], out["score_classes"] = out["scores"].topk(top_k, dim=-1)
             for key in [k for k in gathered if k in out]:
                 if hasattr(out[key], "tolist"):  # a tensor, one row per example; kept on the device until the end
                     gathered[key].append(accelerator.gather_for_metrics(out[key]))
                 else:  # a list per example of any length (a sentence's tags): gathered as objects
                     gathered[key] += accelerator.gather_for_metrics(list(out[key]), use_gather_object=True)
-    for key, values in gathered.items():
-        if values and hasattr(values[0], "tolist"):
-            gathered[key] = torch.cat(values).tolist()
 
     results = [None]
     if accelerator.is_main_process:
         try:
+            gathered = _as_lists(gathered, classes)
             results[0] = _compute(torch.cat(weighted_losses).double().sum(dim=0), gathered, metrics)
         except Exception as exc:  # sent to the other ranks too: they must not wait for results that never come
             results[0] = exc
@@ -65,7 +69,25 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
         broadcast_object_list(results)
     if isinstance(results[0], BaseException):
         raise results[0]
+    if not accelerator.is_main_process:
+        return Evaluation(results[0])
     return Evaluation(results[0], gathered["predictions"], gathered["references"])
+
+
+def _as_lists(gathered: dict, classes: int) -> dict:
+    """Python lists of the gathered tensors, built once, on the main process; top-k scores become a
+    score matrix of `classes` columns again, every class outside an example's top k scoring below all of them."""
+    import torch
+
+    for key, values in gathered.items():
+        if values and hasattr(values[0], "tolist"):
+            gathered[key] = torch.cat(values)
+    top_classes = gathered.pop("score_classes")
+    if len(top_classes):
+        top = gathered["scores"].float().cpu()
+        dense = torch.full((len(top), classes), float(top.min()) - 1.0)
+        gathered["scores"] = dense.scatter_(1, top_classes.long().cpu(), top)
+    return {key: value.tolist() if hasattr(value, "tolist") else value for key, value in gathered.items()}
 
 
 def _compute(total, gathered: dict, metrics) -> dict:
