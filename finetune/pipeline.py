@@ -222,7 +222,7 @@ def _final_evaluations(r: _Run, trained, processed) -> dict:
 
 def _summary(r: _Run, trained, final: dict) -> dict:
     """metrics.json, but for the facts only the main process collects (_write_outputs adds them)."""
-    from finetune.training.engine import is_sharded, rank_checksums
+    from finetune.training.engine import is_sharded, peak_memory, rank_checksums
 
     state = trained.state
     summary = {
@@ -235,6 +235,7 @@ def _summary(r: _Run, trained, final: dict) -> dict:
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
         "train_seconds": round(state.train_seconds, 1),  # training steps only, every session of the run
+        "peak_memory_mb": peak_memory(r.accelerator),  # this session's, on the main process
         "lr_changes": state.lr_changes,
         "history": state.history,
     }

@@ -121,6 +121,7 @@ def test_bfloat16_weights_load_frozen_in_bf16_and_train_in_float32(tmp_path, own
     dtypes = summary["parameters"]["dtypes"]
     assert dtypes["frozen"] == {"bfloat16": summary["parameters"]["total"] - summary["parameters"]["trainable"]}
     assert dtypes["trainable"] == {"float32": summary["parameters"]["trainable"]}
+    assert 100 < summary["peak_memory_mb"]["host"] < 50_000  # MB, not kB
     adapter = load_file(run_dir / "model" / "adapter_model.safetensors")
     assert {v.dtype for v in adapter.values()} == {torch.float32}
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero
@@ -333,3 +334,22 @@ def test_the_timeout_is_honoured_inside_a_collective_wait(tmp_path, own_model, s
     done = napping_run(tmp_path, own_model, small_data, slow_task_site, "prepare_data", "early")
     assert done.returncode != 0
     assert "train.distributed_timeout_minutes (0.05)" in done.stderr
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_what_ddp_trains_with_accumulation(tmp_path, own_model, small_data):
+    # The engine must step once per accumulation window (not per micro-batch) and not rescale the losses.
+    pytest.importorskip("deepspeed")
+    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "deepspeed-zero2.yaml"
+    zero = launch("run", ddp_recipe(tmp_path, own_model, small_data, "zero2", grad_accum_steps=2, log_every_steps=1, epochs=3),
+                  "--accelerate-config", config, "--processes", 2)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    ddp = launch("run", ddp_recipe(tmp_path, own_model, small_data, "ddp", grad_accum_steps=2, log_every_steps=1, epochs=3),
+                 "--processes", 2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = step_records(tmp_path / "zero2"), step_records(tmp_path / "ddp")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["lr"] == pytest.approx(y["lr"], rel=1e-9)
+    wa, wb = load_file(tmp_path / "zero2" / "model" / "adapter_model.safetensors"), load_file(tmp_path / "ddp" / "model" / "adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

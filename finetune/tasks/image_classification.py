@@ -160,17 +160,19 @@ class ImageClassification(BaseTask):
 
     # -- artifacts ------------------------------------------------------------------------
     def save(self, model, directory: Path, *, adapter: bool, state_dict: dict | None = None) -> None:
-        from safetensors.torch import save_file
-        from timm.models._hub import save_config_for_hf
+        import timm
+        from timm.models import save_for_hf
 
         if adapter:
             # The LoRA weights and the head, in peft's format; a timm model has no token embeddings to check.
             model.save_pretrained(directory, save_embedding_layers=False, state_dict=state_dict)
-        else:  # what timm's save_for_hf writes, from the gathered weights under a sharded engine
-            directory.mkdir(parents=True, exist_ok=True)
-            weights = model.state_dict() if state_dict is None else state_dict
-            save_file({k: v.contiguous() for k, v in weights.items()}, directory / "model.safetensors")
-            save_config_for_hf(model, directory / "config.json", model_config={"label_names": self.labels})
+            return
+        if state_dict is not None:  # gathered from a sharded engine: a whole copy of the model to save it from
+            whole = timm.create_model(model.pretrained_cfg["architecture"], pretrained=False, num_classes=len(self.labels))
+            whole.load_state_dict(state_dict)
+            whole.pretrained_cfg = model.pretrained_cfg
+            model = whole
+        save_for_hf(model, directory, model_config={"label_names": self.labels}, safe_serialization=True)
 
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
         labels = run.task_facts["labels"]

@@ -22,11 +22,15 @@ def make_accelerator(recipe: Recipe):
     from accelerate.utils import InitProcessGroupKwargs
 
     forced_cpu = os.environ.get("FINETUNE_CPU") == "1" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    # Several processes on a machine without an accelerator: accelerate would start each alone; gloo joins them.
+    # Several processes on a machine without an accelerator: accelerate would start each alone; gloo joins
+    # them (as accelerate's CPU type, or under DeepSpeed, which accelerate's CPU type would switch off).
+    on_cpu = forced_cpu or not torch.accelerator.is_available()
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = forced_cpu or (several and not torch.accelerator.is_available())
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    cpu = forced_cpu or (several and on_cpu and not deepspeed)
     precision = recipe.train.mixed_precision
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.distributed_timeout_minutes))
+    timeout = InitProcessGroupKwargs(backend="gloo" if on_cpu and several else "nccl",
+                                     timeout=timedelta(minutes=recipe.train.distributed_timeout_minutes))
     try:
         # Accumulation is done by the training loop (exact on a short last window), not by accelerate.
         accelerator = Accelerator(
@@ -47,6 +51,8 @@ def make_accelerator(recipe: Recipe):
             f"accelerate could not start ({type(exc).__name__}: {exc}); the recipe asks for train.mixed_precision "
             f"'{precision}'. Fix what accelerate names, or set train.mixed_precision: no."
         ) from None
+    if accelerator.distributed_type == "DEEPSPEED":
+        _configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, recipe)
     if precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would accept it and quietly train in fp32 (no autocast, no gradient scaler).
         raise FinetuneError(
@@ -54,6 +60,22 @@ def make_accelerator(recipe: Recipe):
             "set train.mixed_precision to bf16 (autocast on the CPU too) or no."
         )
     return accelerator
+
+
+def _configure_deepspeed(config: dict, recipe: Recipe) -> None:
+    """The recipe decides batch, accumulation and clipping, also under DeepSpeed: finetune accumulates the
+    window itself (one engine step per window), so the engine's own accumulation must stay 1."""
+    steps = config.get("gradient_accumulation_steps", 1)
+    if steps not in (1, "auto"):
+        raise FinetuneError(
+            f"The DeepSpeed config sets gradient_accumulation_steps: {steps}; finetune accumulates train.grad_accum_steps "
+            "itself (exactly, also on an epoch's short last window). Set it to 1 in the accelerate config and use "
+            "train.grad_accum_steps."
+        )
+    config["gradient_accumulation_steps"] = 1
+    config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
+    config["gradient_clipping"] = recipe.train.max_grad_norm or 0.0
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
 
 
 def count_parameters(model) -> dict:
@@ -133,3 +155,17 @@ def check_shared_run_dir(accelerator, root) -> None:
             "process writes there. A run over several machines needs output.dir on a filesystem they all mount "
             "(NFS, Lustre, GPFS ...): checkpoints are committed by the main process and resumed on every machine."
         )
+
+
+def peak_memory(accelerator) -> dict:
+    """This process's peak memory so far, in MB: host (resident set) and, on a GPU, allocated device memory."""
+    import resource
+    import sys
+
+    import torch
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    peak = {"host": round(rss_kb / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if accelerator.device.type == "cuda":
+        peak["gpu"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**20, 1)
+    return peak
