@@ -112,7 +112,7 @@ def main() -> None:
     for name, row in rows.items():
         line = (f"| {name} | {row['trainable']:,} | {row['rss_mb']:.0f} | {row['above_base_mb']:.0f} | "
                 f"{row['above_base_mb'] / max(full['above_base_mb'], 1e-9):.2f} | {row['checkpoint_mb']:.2f} | "
-                f"{row['checkpoint_mb'] / full['checkpoint_mb']:.3f} | {row['model_mb']:.2f} |")
+                f"{row['checkpoint_mb'] / full['checkpoint_mb']:.4f} | {row['model_mb']:.2f} |")
         if gpu:
             line += f" {row['gpu_mb']:.0f} | {row['gpu_mb'] / full['gpu_mb']:.2f} |"
         print(line)

@@ -57,7 +57,7 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
     loaded = load_recipe(recipe, overrides)
     if cpu:
         os.environ[FORCE_CPU_ENV] = "1"  # read by finetune.training.engine, here and in the launched processes
-    launch = Launch(processes, accelerate_config, nnodes, node_rank, rdzv_endpoint)
+    launch = Launch(processes, accelerate_config, nnodes, node_rank, rdzv_endpoint, cpu)
     if launch.needed:
         if node_rank == 0:  # checked once, on the first machine, so a refusal is one message rather than one per process
             from finetune.rundir import RunLayout

@@ -14,30 +14,50 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from finetune.errors import FinetuneError
+
+
+ENGINES = ("MULTI_GPU", "FSDP", "DEEPSPEED")
+"""The accelerate config types finetune launches (accelerate's own MULTI_CPU needs MPI to start several processes)."""
 
 
 @dataclass
 class Launch:
     processes: int | None
-    """Processes per machine; None: 1, or the accelerate config's num_processes."""
+    """Processes per machine; None: 1, or the accelerate config's num_processes (read as per machine)."""
     accelerate_config: str | None
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None
+    cpu: bool = False
+    config: object = field(init=False, default=None, repr=False)
+    """The accelerate config file as accelerate's loader read it."""
 
     def __post_init__(self):
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise FinetuneError("--nnodes: a job over several machines needs --rdzv-endpoint HOST:PORT, the address of node 0 "
                                 "that every machine can reach (e.g. $MASTER_ADDR:29500 under SLURM).")
+        if self.nnodes == 1 and self.rdzv_endpoint:
+            raise FinetuneError("--rdzv-endpoint: it joins the machines of a job over several; add --nnodes N (and --node-rank), "
+                                "or remove it for a run on this machine alone.")
         if self.node_rank >= self.nnodes:
             raise FinetuneError(f"--node-rank: {self.node_rank} is not below --nnodes {self.nnodes}; machines are numbered 0 to nnodes-1.")
         if self.rdzv_endpoint and (":" not in self.rdzv_endpoint or not self.rdzv_endpoint.rsplit(":", 1)[1].isdigit()):
             raise FinetuneError(f"--rdzv-endpoint: '{self.rdzv_endpoint}' is not HOST:PORT (e.g. 10.0.0.1:29500).")
-        if self.accelerate_config:
-            check_accelerate_config(self.accelerate_config)
+        started_elsewhere = "LOCAL_RANK" in os.environ and os.environ.get("FINETUNE_LAUNCHED") != "1"
+        if started_elsewhere and (self.accelerate_config or self.nnodes > 1):
+            raise FinetuneError("--accelerate-config / --nnodes: this process was started by a launcher already (torchrun or "
+                                "accelerate launch set LOCAL_RANK); give those settings to that launcher, or run `finetune run` alone.")
+        self.config = check_accelerate_config(self.accelerate_config) if self.accelerate_config else None
+        if self.config is not None and self.cpu and self.engine in ("FSDP", "DEEPSPEED"):
+            raise FinetuneError(f"--cpu: accelerate runs {self.engine} on GPUs only, and on the CPU would silently train "
+                                f"with plain DDP instead. Remove --cpu, or use recipes/accelerate/ddp-cpu.yaml.")
+
+    @property
+    def engine(self) -> str | None:
+        return None if self.config is None else str(self.config.distributed_type).rsplit(".", 1)[-1]
 
     @property
     def needed(self) -> bool:
@@ -47,14 +67,16 @@ class Launch:
 
     def command(self, arguments: list[str]) -> list[str]:
         """The launcher's command line that runs `finetune <arguments>` in every process."""
-        if self.accelerate_config:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config]
-            if self.processes:
-                command += ["--num_processes", str(self.processes * self.nnodes)]  # accelerate counts them over all machines
+        if self.config is not None:
+            per_machine = self.processes or self.config.num_processes or 1
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config,
+                       "--num_processes", str(per_machine * self.nnodes)]  # accelerate counts them over all machines
             if self.nnodes > 1:
                 host, port = self.rdzv_endpoint.rsplit(":", 1)
                 command += ["--num_machines", str(self.nnodes), "--machine_rank", str(self.node_rank),
                             "--main_process_ip", host, "--main_process_port", port]
+                if self.engine == "DEEPSPEED":  # torchrun on each machine, not pdsh reaching out from every one
+                    command += ["--deepspeed_multinode_launcher", "standard"]
             return [*command, "-m", "finetune", *arguments]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.processes or 1}"]
         if self.nnodes == 1:
@@ -67,11 +89,20 @@ class Launch:
         return subprocess.call(self.command(arguments), env={**os.environ, **env})
 
 
-def check_accelerate_config(path: str) -> None:
-    """Parse the file with accelerate's own config loader: a typo is named now, not in every process later."""
+def check_accelerate_config(path: str):
+    """The file parsed by accelerate's own config loader (a typo is named now, not in every process later), of a
+    type finetune launches."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     try:
-        load_config_from_file(path)
+        config = load_config_from_file(path)
     except Exception as exc:  # ValueError for unknown keys, yaml errors, a missing distributed_type
         raise FinetuneError(f"--accelerate-config: accelerate cannot read {path}: {type(exc).__name__}: {exc}") from None
+    engine = str(getattr(config, "distributed_type", "")).rsplit(".", 1)[-1]
+    if engine not in ENGINES:
+        raise FinetuneError(
+            f"--accelerate-config: {path} has distributed_type {engine}; finetune launches {', '.join(ENGINES)} configs "
+            "(accelerate starts several CPU processes of its MULTI_CPU type only through MPI). For CPU processes use "
+            "recipes/accelerate/ddp-cpu.yaml or --processes N."
+        )
+    return config

@@ -55,6 +55,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     except RuntimeError as exc:  # torch.distributed's errors (DistBackendError is one)
         if not _lost_peers(exc):
             raise
+        import torch.distributed
+
+        if not torch.distributed.is_initialized():
+            raise
         from finetune.errors import FinetuneError
 
         raise FinetuneError(

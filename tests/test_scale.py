@@ -353,3 +353,93 @@ def test_deepspeed_zero2_trains_what_ddp_trains_with_accumulation(tmp_path, own_
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["lr"] == pytest.approx(y["lr"], rel=1e-9)
     wa, wb = load_file(tmp_path / "zero2" / "model" / "adapter_model.safetensors"), load_file(tmp_path / "ddp" / "model" / "adapter_model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_launch_command_lines_are_read_by_accelerate_and_torchrun_as_meant(monkeypatch):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    from finetune.errors import FinetuneError
+    from finetune.launch import Launch
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    configs = Path(__file__).parents[1] / "recipes" / "accelerate"
+
+    def accelerate_args(launch: Launch):
+        command = launch.command(["run", "r.yaml"])
+        assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-4:] == ["-m", "finetune", "run", "r.yaml"]
+        return _validate_launch_command(launch_command_parser().parse_args(command[3:]))[0]  # (args, defaults, ...)
+
+    # A config's num_processes counts per machine: 8 GPUs on each of 2 machines are 16 processes.
+    two_machines = accelerate_args(Launch(None, str(configs / "ddp.yaml"), nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500"))
+    assert (two_machines.num_processes, two_machines.num_machines, two_machines.machine_rank) == (16, 2, 1)
+    assert (two_machines.main_process_ip, two_machines.main_process_port) == ("10.0.0.1", 29500)
+    assert accelerate_args(Launch(4, str(configs / "ddp.yaml"))).num_processes == 4
+    deepspeed = accelerate_args(Launch(8, str(configs / "deepspeed-zero2.yaml"), nnodes=2, rdzv_endpoint="h:1"))
+    assert deepspeed.deepspeed_multinode_launcher == "standard"  # torchrun per machine, not pdsh
+
+    torchrun = Launch(8, None, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500").command(["run", "r.yaml"])
+    parsed = get_args_parser().parse_args(torchrun[3:])
+    assert (parsed.nnodes, parsed.node_rank, parsed.rdzv_endpoint, parsed.nproc_per_node) == ("2", 1, "10.0.0.1:29500", "8")
+    assert get_args_parser().parse_args(Launch(2, None).command(["run"])[3:]).standalone
+
+    for bad, message in [
+        (dict(processes=2, accelerate_config=None, nnodes=2), "needs --rdzv-endpoint"),
+        (dict(processes=2, accelerate_config=None, rdzv_endpoint="h:1"), "add --nnodes"),
+        (dict(processes=2, accelerate_config=None, nnodes=2, node_rank=2, rdzv_endpoint="h:1"), "is not below --nnodes 2"),
+        (dict(processes=2, accelerate_config=None, nnodes=2, rdzv_endpoint="h"), "is not HOST:PORT"),
+        (dict(processes=2, accelerate_config=str(configs / "fsdp-full-shard.yaml"), cpu=True), "silently train"),
+    ]:
+        with pytest.raises(FinetuneError, match=message):
+            Launch(**bad)
+
+
+@pytest.mark.parametrize("kind,method", [("text", "full"), ("text", "lora"), ("image", "full"), ("image", "lora")])
+def test_a_save_from_gathered_weights_writes_the_same_model(kind, method, tmp_path, own_model, sentiment_dir, monkeypatch):
+    # Under FSDP / ZeRO-3 the final save receives the full state dict gathered by accelerate instead of the
+    # (sharded) model's own: on one process, with the engine check forced, it must write the very same files.
+    if kind == "text":
+        recipe = testing.text_recipe(own_model, sentiment_dir, tmp_path / "own", method, train={"max_steps": 3})
+    else:
+        model = testing.tiny_timm_model(tmp_path / "vit", "test_vit", num_classes=3)
+        recipe = image_full(tmp_path / "own", model, color_folder(tmp_path))
+        recipe["method"]["name"], recipe["train"]["max_steps"] = method, 3
+    own = run_ok(tmp_path / "own.yaml", recipe)
+    from accelerate import Accelerator
+
+    import finetune.training.engine as engine
+
+    gathers = []
+    real = Accelerator.get_state_dict
+    monkeypatch.setattr(engine, "is_sharded", lambda accelerator: True)
+    monkeypatch.setattr(Accelerator, "get_state_dict", lambda self, model, unwrap=True: gathers.append(unwrap) or real(self, model, unwrap))
+    gathered = run_ok(tmp_path / "gathered.yaml", {**recipe, "output": {"dir": str(tmp_path / "gathered")}})
+    assert gathers.count(True) == 1  # the final save's gather, once (checkpoints take the wrapped model's: False)
+    same_files(own / "model", gathered / "model")
+    assert sorted(p.name for p in (own / "model").iterdir()) == sorted(p.name for p in (gathered / "model").iterdir())
+
+
+def test_a_checkpoint_without_all_of_this_runs_trained_weights_is_refused(tmp_path, own_model, sentiment_dir):
+    from safetensors.torch import save_file
+
+    recipe = testing.text_recipe(own_model, sentiment_dir, tmp_path / "run", "lora", train={"epochs": 1},
+                                 checkpoint={"every_steps": 4})
+    rewind(run_ok(tmp_path / "run.yaml", recipe), tmp_path / "again")
+    weights_file = checkpoints(tmp_path / "again")[0] / "model.safetensors"
+    weights = load_file(weights_file)
+    dropped = next(k for k in weights if "lora_A" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, weights_file)
+    again = {**recipe, "output": {"dir": str(tmp_path / "again")}}
+    result = invoke("run", testing.write_recipe(tmp_path / "again.yaml", again), "--resume")
+    assert result.exit_code == 1 and "lacks trained weights of this run" in result.output and dropped in result.output
+
+
+def test_bfloat16_weights_under_a_fully_trained_batch_norm_keep_its_statistics_in_float32(tmp_path):
+    model = testing.tiny_timm_model(tmp_path / "resnet", num_classes=3)
+    recipe = image_full(tmp_path / "run", model, color_folder(tmp_path))
+    recipe["model"]["dtype"], recipe["train"]["mixed_precision"] = "bfloat16", "bf16"
+    run_dir = run_ok(tmp_path / "run.yaml", recipe)
+    saved = load_file(run_dir / "model" / "model.safetensors")
+    statistics = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(saved[k].dtype == torch.float32 for k in statistics)
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if v.is_floating_point())  # everything trained: float32

@@ -94,6 +94,7 @@ class ImageClassification(BaseTask):
         extra = {"drop_path_rate": self.options.drop_path_rate} if self.options.drop_path_rate is not None else {}
         try:
             model = timm.create_model(name, pretrained=True, num_classes=len(self.labels), **extra)
+            self.created = (name, extra)  # to build a whole copy for a save from gathered weights
         except Exception as exc:
             if isinstance(exc, TypeError) and "drop_path_rate" in str(exc):
                 raise FinetuneError(
@@ -161,6 +162,7 @@ class ImageClassification(BaseTask):
     # -- artifacts ------------------------------------------------------------------------
     def save(self, model, directory: Path, *, adapter: bool, state_dict: dict | None = None) -> None:
         import timm
+        import torch
         from timm.models import save_for_hf
 
         if adapter:
@@ -168,8 +170,10 @@ class ImageClassification(BaseTask):
             model.save_pretrained(directory, save_embedding_layers=False, state_dict=state_dict)
             return
         if state_dict is not None:  # gathered from a sharded engine: a whole copy of the model to save it from
-            whole = timm.create_model(model.pretrained_cfg["architecture"], pretrained=False, num_classes=len(self.labels))
-            whole.load_state_dict(state_dict)
+            name, extra = self.created
+            with torch.device("meta"):  # the architecture only: the gathered weights are assigned in place
+                whole = timm.create_model(name, pretrained=False, num_classes=len(self.labels), **extra)
+            whole.load_state_dict(state_dict, assign=True)
             whole.pretrained_cfg = model.pretrained_cfg
             model = whole
         save_for_hf(model, directory, model_config={"label_names": self.labels}, safe_serialization=True)

@@ -36,7 +36,7 @@ class SeededExamples(Dataset):
         seed = hash((self.seed, self.epoch, *map(int, indices))) % 2**32  # ints hash alike in every process
         with torch.random.fork_rng(devices=[]):
             state, np_state = random.getstate(), np.random.get_state()
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator alone: a GPU's (dropout, noise) stays as it is
             random.seed(seed)
             np.random.seed(seed)
             try:

@@ -118,6 +118,12 @@ def check_engine(accelerator, recipe: Recipe, task, method) -> None:
             "state_dict). Train it with DDP (finetune run --processes N) or DeepSpeed ZeRO-2 "
             "(recipes/accelerate/deepspeed-zero2.yaml), which keep a whole copy on every process."
         )
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if engine == "DEEPSPEED" else {}
+    if zero and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise FinetuneError(
+            "The DeepSpeed ZeRO-3 config does not gather the weights for saving, so no final model could be written: "
+            "set zero3_save_16bit_model: true under deepspeed_config (as recipes/accelerate/deepspeed-zero3-offload.yaml does)."
+        )
     if recipe.writes_merged and method.produces_adapter:
         raise FinetuneError(
             f"output.merged: merging the adapter needs the whole model on one process, which {engine} does not keep. "
@@ -135,8 +141,9 @@ def check_shared_run_dir(accelerator, root) -> None:
     import torch
     from accelerate.utils import broadcast_object_list
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    if local == accelerator.num_processes:
+    # Processes on this machine: torchrun (and accelerate launch) say LOCAL_WORLD_SIZE, DeepSpeed's launchers LOCAL_SIZE.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or accelerator.num_processes)
+    if local >= accelerator.num_processes:
         return  # one machine
     token = [uuid.uuid4().hex if accelerator.is_main_process else None]
     broadcast_object_list(token)

@@ -225,7 +225,8 @@ class Trainer:
         """Stop before a non-finite update reaches the weights. Loss and norm are the same on every
         rank (reduced, and taken after gradient synchronisation), so every rank stops together. Under
         fp16 an infinite gradient is the scaler's business: it skips that update and lowers its scale."""
-        scaled = self.accelerator.scaler is not None
+        # fp16 loss scaling: accelerate's scaler, or DeepSpeed's own (it skips an overflowing step itself).
+        scaled = self.accelerator.scaler is not None or (bool(self.backward_options) and self.recipe.train.mixed_precision == "fp16")
         if not (math.isfinite(loss) and (scaled or grad_norm is None or math.isfinite(grad_norm))):
             self._diverged(f"the training loss is {loss} and the gradient norm {grad_norm}")
 

@@ -27,9 +27,16 @@ def settle_dtypes(model, frozen_components: list, mixed_precision: str) -> None:
 
     from finetune.errors import FinetuneError
 
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if not hasattr(p, "ds_numel")]  # ZeRO-3 sets its own dtypes
+        if not any(p.requires_grad for p in own):
+            continue
+        for parameter in own:
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+        for name, buffer in module.named_buffers(recurse=False):  # a trained batch norm's statistics, with its weights
+            if buffer.is_floating_point() and buffer.dtype != torch.float32:
+                setattr(module, name, buffer.float())
     half = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
     if half and mixed_precision == "no":
         raise FinetuneError(

@@ -66,8 +66,9 @@ def encode_latents(split, examples: Examples, vae, fingerprint: str):
     return encoded.with_format("torch")
 
 
-def latents_fingerprint(split, source: str, revision: str | None, options: TextToImageOptions) -> str:
-    """The cache key of the pre-computed latents: the data, the VAE and every setting that changes them."""
+def latents_fingerprint(split, source: str, revision: str | None, options: TextToImageOptions, vae_dtype) -> str:
+    """The cache key of the pre-computed latents: the data, the VAE (and the precision it encodes in) and every
+    setting that changes them."""
     settings = options.model_dump(include={"resolution", "center_crop", "random_flip"})
-    key = json.dumps([split._fingerprint, source, revision, settings], default=str)
+    key = json.dumps([split._fingerprint, source, revision, settings, str(vae_dtype)], default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -79,7 +79,7 @@ class TextToImage(BaseTask):
                 split = split.add_column("noise_seed", list(range(len(split))))
             examples = Examples(self.pipeline.tokenizer, self.options, training=training)
             if self.options.precompute_latents:
-                fingerprint = latents_fingerprint(split, self.source, self.revision, self.options)
+                fingerprint = latents_fingerprint(split, self.source, self.revision, self.options, task_model.model.vae.dtype)
                 prepared[role] = encode_latents(split, examples, task_model.model.vae, fingerprint)
             else:  # decoded and augmented as batches are drawn: a new crop and flip every epoch
                 prepared[role] = split.with_transform(examples)
