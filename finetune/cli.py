@@ -63,7 +63,7 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
             from finetune.rundir import RunLayout
 
             RunLayout(loaded.run_dir).check_startable(loaded.to_yaml(), resume=resume, overwrite=overwrite)
-        status = launch.start(sys.argv[1:], {LAUNCHED_ENV: "1"})
+        status = launch.start(_run_arguments(click.get_current_context().params), {LAUNCHED_ENV: "1"})
         if status == 0 and loaded.hub.push and node_rank == 0:
             _push_after_run(loaded)  # once, from the first machine's launcher, after every rank has finished
         sys.exit(status)
@@ -176,6 +176,21 @@ def _push(run_dir: Path, target, dry_run: bool = False) -> None:
         return
     click.echo(f"Pushing {len(plan.files)} files to {target.repo_id} ({target.revision}) ...")
     click.echo(f"pushed: {push(plan)}")
+
+
+def _run_arguments(params: dict) -> list[str]:
+    """This `finetune run` command line, rebuilt from its parsed options (for the launched processes): the
+    same whether it came from a shell or from `main([...])` in Python."""
+    arguments = ["run", str(Path(params["recipe"]).resolve())]
+    for override in params["overrides"]:
+        arguments += ["--set", override]
+    for flag in ("resume", "overwrite", "cpu"):
+        if params[flag]:
+            arguments.append(f"--{flag}")
+    for option in ("processes", "accelerate_config", "nnodes", "node_rank", "rdzv_endpoint"):
+        if params[option] is not None:
+            arguments += [f"--{option.replace('_', '-')}", str(params[option])]
+    return arguments
 
 
 def _print_summary(summary) -> None:
