@@ -71,11 +71,24 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
     from finetune.pipeline import run as run_pipeline
 
     summary = run_pipeline(loaded, resume=resume, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    _print_summary(summary)
-    if loaded.hub.push and LAUNCHED_ENV not in os.environ:
-        _push_after_run(loaded)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+        if loaded.hub.push and LAUNCHED_ENV not in os.environ:
+            _push_after_run(loaded)
+    if "LOCAL_RANK" in os.environ:
+        _leave_launched_process()
+
+
+def _leave_launched_process() -> None:
+    """End a process of a launched run once its work is done, without the interpreter's teardown: gloo can abort
+    there ("terminate called without an active exception", seen in a few percent of CPU runs), and the launcher
+    then kills the main process in the middle of writing the outputs."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @main.command()

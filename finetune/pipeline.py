@@ -97,7 +97,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> RunSummary:
     gathered = r.accelerator.get_state_dict(trained.model) if is_sharded(r.accelerator) else None
     if r.accelerator.is_main_process:
         _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary, gathered)
-    r.accelerator.end_training()
+        # The other processes keep their process group: tearing it down while this one still writes the outputs
+        # can abort in gloo's teardown, and the launcher would then kill this process mid-save.
+        r.accelerator.end_training()
     return RunSummary(layout.root, layout.model, layout.card, summary["metrics"], r.parameters)
 
 
