@@ -89,8 +89,9 @@ class Trainer:
         fingerprint = shared_fingerprint(accelerator, model)  # of the frozen base, before any engine shards it
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.trainable = TrainableState(accelerator, self.model, fingerprint)
+        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
         # The window's losses are scaled here already: DeepSpeed must not divide them by its accumulation steps too.
-        self.backward_options = {"scale_wrt_gas": False} if accelerator.distributed_type == "DEEPSPEED" else {}
+        self.backward_options = {"scale_wrt_gas": False} if self.deepspeed else {}
         self.state = TrainerState(lr=t.lr)
         stop = recipe.eval.early_stopping
         self.stopping = stop
@@ -162,7 +163,8 @@ class Trainer:
                 if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated) \
                         or (improved and self.keep_best):
                     self._flush_log()  # a log line never spans a checkpoint: a resumed run logs the same lines
-                    save_checkpoint(acc, self.checkpoints, state, self.trainable, ck.keep_last, state.best_step if self.keep_best else None)
+                    save_checkpoint(acc, self.checkpoints, state, self.trainable, ck.keep_last,
+                                    state.best_step if self.keep_best else None)
                 if self._finished():
                     break
         self._flush_log()  # an early stop between log steps
@@ -224,9 +226,10 @@ class Trainer:
     def _check_finite(self, loss: float, grad_norm: float | None) -> None:
         """Stop before a non-finite update reaches the weights. Loss and norm are the same on every
         rank (reduced, and taken after gradient synchronisation), so every rank stops together. Under
-        fp16 an infinite gradient is the scaler's business: it skips that update and lowers its scale."""
+        fp16 an infinite gradient is the scaler's business: it skips that update and lowers its scale (under
+        DeepSpeed the engine has applied the update inside the last backward already, or skipped it)."""
         # fp16 loss scaling: accelerate's scaler, or DeepSpeed's own (it skips an overflowing step itself).
-        scaled = self.accelerator.scaler is not None or (bool(self.backward_options) and self.recipe.train.mixed_precision == "fp16")
+        scaled = self.accelerator.scaler is not None or (self.deepspeed and self.recipe.train.mixed_precision == "fp16")
         if not (math.isfinite(loss) and (scaled or grad_norm is None or math.isfinite(grad_norm))):
             self._diverged(f"the training loss is {loss} and the gradient norm {grad_norm}")
 
