@@ -29,6 +29,7 @@ def make_accelerator(recipe: Recipe):
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     cpu = forced_cpu or (several and on_cpu and not deepspeed)
     precision = recipe.train.mixed_precision
+    # "nccl" is the class's default, which accelerate does not pass on: it then picks the device's own backend.
     timeout = InitProcessGroupKwargs(backend="gloo" if on_cpu and several else "nccl",
                                      timeout=timedelta(minutes=recipe.train.distributed_timeout_minutes))
     try:
