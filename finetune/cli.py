@@ -17,14 +17,16 @@ OVERRIDE_HELP = "Override a recipe key, e.g. --set train.lr=3e-4 (repeatable; th
 
 
 def user_errors(command):
-    """Show FinetuneError as one clean message and exit 1, never a traceback."""
+    """Show FinetuneError as one clean message, secrets masked (finetune.redaction), and exit 1, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except FinetuneError as exc:
-            raise click.ClickException(str(exc)) from None
+            from finetune.redaction import redact
+
+            raise click.ClickException(redact(str(exc))) from None
 
     return wrapper
 
@@ -38,7 +40,9 @@ def main():
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-@click.option("--resume", is_flag=True, help="Continue the run from its latest complete checkpoint.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, type=click.Choice(["latest", "auto"]),
+              help="Continue the run from its latest complete checkpoint; `--resume auto`: resume when there is one, "
+                   "start afresh when there is none (for requeued jobs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--processes", type=click.IntRange(min=1), default=None,
               help="Processes per machine (data parallel, one per GPU); default 1, or the accelerate config's.")
@@ -53,7 +57,10 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
     """Fine-tune, evaluate and write the model and its card, as RECIPE says."""
     from finetune.launch import Launch
     from finetune.recipe import load_recipe
+    from finetune.rundir import AUTO
+    from finetune.stopping import RESUMABLE, Preempted, stopping_gracefully
 
+    resume = {None: False, "latest": True, "auto": AUTO}[resume]
     loaded = load_recipe(recipe, overrides)
     if cpu:
         os.environ[FORCE_CPU_ENV] = "1"  # read by finetune.training.engine, here and in the launched processes
@@ -62,7 +69,9 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
         if node_rank == 0:  # checked once, on the first machine, so a refusal is one message rather than one per process
             from finetune.rundir import RunLayout
 
-            RunLayout(loaded.run_dir).check_startable(loaded.to_yaml(), resume=resume, overwrite=overwrite)
+            layout = RunLayout(loaded.run_dir)
+            starts = layout.resolve_resume(loaded.to_yaml(), resume, overwrite)
+            layout.check_startable(loaded.to_yaml(), resume=starts[0], overwrite=starts[1])
         status = launch.start(_run_arguments(click.get_current_context().params), {LAUNCHED_ENV: "1"})
         if status == 0 and loaded.hub.push and node_rank == 0:
             _push_after_run(loaded)  # once, from the first machine's launcher, after every rank has finished
@@ -70,25 +79,34 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
 
     from finetune.pipeline import run as run_pipeline
 
-    summary = run_pipeline(loaded, resume=resume, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with stopping_gracefully():
+        try:
+            summary = run_pipeline(loaded, resume=resume, overwrite=overwrite)
+        except Preempted as stopped:
+            if main_process:
+                click.echo(str(stopped), err=True)
+            _leave(RESUMABLE)
+    if main_process:
         _print_summary(summary)
         if loaded.hub.push and LAUNCHED_ENV not in os.environ:
             _push_after_run(loaded)
     if "LOCAL_RANK" in os.environ:
-        _leave_launched_process()
+        _leave(0)
 
 
-def _leave_launched_process() -> None:
-    """End a process of a launched run once its work is done, without the interpreter's teardown: gloo can abort
-    there ("terminate called without an active exception", seen in a few percent of CPU runs), and the launcher
-    then kills the main process in the middle of writing the outputs."""
+def _leave(status: int) -> None:
+    """End `finetune run` with `status`. A process of a launched run ends without the interpreter's teardown: gloo
+    can abort there ("terminate called without an active exception", seen in a few percent of CPU runs), and the
+    launcher then kills the main process in the middle of writing the outputs."""
+    if "LOCAL_RANK" not in os.environ:
+        sys.exit(status)
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 @main.command()
@@ -167,7 +185,9 @@ def _push_after_run(recipe) -> None:
     try:
         _push(recipe.run_dir, target)
     except (FinetuneError, OSError) as exc:
-        click.echo(f"\nThe run is trained and saved, but the push did not happen: {exc}", err=True)
+        from finetune.redaction import redact
+
+        click.echo(f"\nThe run is trained and saved, but the push did not happen: {redact(str(exc))}", err=True)
         if not isinstance(exc, PushError):  # a PushError already says how to retry
             click.echo(f"Retry with: {retry_command(recipe.run_dir, target)}", err=True)
         sys.exit(PUSH_FAILED)
@@ -197,7 +217,9 @@ def _run_arguments(params: dict) -> list[str]:
     arguments = ["run", str(Path(params["recipe"]).resolve())]
     for override in params["overrides"]:
         arguments += ["--set", override]
-    for flag in ("resume", "overwrite", "cpu"):
+    if params["resume"]:
+        arguments += ["--resume", params["resume"]]
+    for flag in ("overwrite", "cpu"):
         if params[flag]:
             arguments.append(f"--{flag}")
     for option in ("processes", "accelerate_config", "nnodes", "node_rank", "rdzv_endpoint"):

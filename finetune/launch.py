@@ -12,7 +12,6 @@ the engine for the processes through the environment, exactly as
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -86,7 +85,47 @@ class Launch:
         return [*command, "-m", "finetune", *arguments]
 
     def start(self, arguments: list[str], env: dict[str, str]) -> int:
-        return subprocess.call(self.command(arguments), env={**os.environ, **env})
+        """Run the launcher in this process (as `accelerate launch` runs torchrun), so that its processes' exit
+        statuses are known here: `stopping.RESUMABLE` when every process that ended stopped resumably on a signal.
+        The preemption signals are passed on to the processes (finetune.stopping), not handled by torchrun's agent,
+        which would kill them after a 30 s grace."""
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        from finetune.stopping import RESUMABLE, stopping_gracefully
+
+        import logging
+
+        # torchrun's agent logs every process that exits non-zero as an error; one that stopped resumably did not fail.
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+            lambda record: f"(exitcode: {RESUMABLE})" not in record.getMessage())
+        saved_env = dict(os.environ)
+        os.environ.update(env)
+        os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle, read by both launchers
+        launcher_arguments = self.command(arguments)[3:]  # without `python -m MODULE`
+        try:
+            with stopping_gracefully(launcher=True) as stop:
+                try:
+                    if self.config is not None:
+                        from accelerate.commands.launch import launch_command, launch_command_parser
+
+                        launch_command(launch_command_parser().parse_args(launcher_arguments))
+                    else:
+                        from torch.distributed.run import parse_args, run
+
+                        run(parse_args(launcher_arguments))
+                except ChildFailedError as failed:
+                    if stop.aborted:
+                        return 128 + stop.signal
+                    codes = [failure.exitcode for failure in failed.failures.values()]
+                    stopped = (RESUMABLE, -stop.signal) if stop.signal else (RESUMABLE,)
+                    if all(code in stopped for code in codes):
+                        return RESUMABLE
+                    print(failed, file=sys.stderr)
+                    return 1
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+        return 0
 
 
 def check_accelerate_config(path: str):

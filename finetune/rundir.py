@@ -29,6 +29,8 @@ from finetune.files import write_text
 from finetune.training.checkpoint import latest_checkpoint
 
 
+AUTO = "auto"
+"""`--resume auto`: resume when there is a checkpoint, start afresh when there is none."""
 RESUMABLE = ("train.lr",)
 """Recipe keys a resume may change: the learning rate applies from the checkpoint on (the card says so)."""
 
@@ -46,6 +48,19 @@ class RunLayout:
         self.card = root / "README.md"
         self.images = root / "images"
         self.samples = root / "samples"
+
+    def resolve_resume(self, recipe_yaml: str, resume: bool | str, overwrite: bool) -> tuple[bool, bool]:
+        """(resume, overwrite) for this start. `--resume auto` resumes when a complete checkpoint exists and
+        otherwise starts afresh, replacing a start of the same recipe that stopped before its first checkpoint
+        (nothing in it is worth keeping): so a preempted job's command line can be requeued as it is."""
+        if resume != AUTO:
+            return bool(resume), overwrite
+        if latest_checkpoint(self.checkpoints) is not None:
+            return True, overwrite
+        unfinished_start = self.recipe.is_file() and not self.model.exists() and not self.metrics.exists()
+        if unfinished_start and not _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml)):
+            return False, True
+        return False, overwrite
 
     def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from finetune import testing
 from finetune.cli import main
+from finetune.stopping import RESUMABLE
 from finetune.training.steplog import read_steplog
 
 
@@ -53,14 +54,45 @@ def run(tmp_path: Path, name: str, recipe: dict, *args) -> Path:
     return Path(recipe["output"]["dir"])
 
 
-def run_processes(tmp_path: Path, name: str, recipe: dict, processes: int, *args) -> Path:
+def run_processes(tmp_path: Path, name: str, recipe: dict, processes: int, *args, env: dict | None = None,
+                  status: int = 0) -> Path:
     path = testing.write_recipe(tmp_path / f"{name}.yaml", recipe)
     done = subprocess.run(
         [sys.executable, "-m", "finetune", "run", str(path), "--processes", str(processes), *map(str, args)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == status, done.stderr[-3000:]
+    run_processes.stderr = done.stderr
     return Path(recipe["output"]["dir"])
+
+
+SIGNALLING_TASK = '''
+import os, signal, time
+from finetune import stopping
+from finetune.tasks.text_classification import TextClassification
+
+
+class SignallingText(TextClassification):
+    """Rank 0 sends SIGTERM to the launcher during training step SIGNAL_AT_STEP, as a scheduler preempting the job
+    would, and goes on once the launcher has passed it back: so the stop comes after that very step."""
+    steps = 0
+
+    def training_step(self, model, batch):
+        SignallingText.steps += 1
+        if os.environ.get("RANK") == "0" and SignallingText.steps == int(os.environ.get("SIGNAL_AT_STEP", "0")):
+            os.kill(os.getppid(), signal.SIGTERM)
+            while not stopping.STOP.signal:
+                time.sleep(0.01)
+        return super().training_step(model, batch)
+'''
+
+
+@pytest.fixture
+def signalling_task(tmp_path) -> dict:
+    site = testing.write_distribution(tmp_path / "site", "signalling-task", "1.0",
+                                      {"finetune.tasks": {"signalling-text": "signalling_task:SignallingText"}},
+                                      {"signalling_task.py": SIGNALLING_TASK})
+    return {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def weights(run_dir: Path) -> dict:
@@ -150,7 +182,8 @@ def test_resume_in_the_middle_of_epoch_two_is_bit_identical(tmp_path, distilbert
 
 # -- several processes --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_twice_the_batch_and_resume_bit_identically(tmp_path, exact_model):
+def test_two_processes_equal_one_process_with_twice_the_batch_and_resume_bit_identically(tmp_path, exact_model,
+                                                                                          signalling_task):
     # 16 training examples: 2 × batch 4 covers the same 8 examples per step as 1 × batch 8. The eval
     # split of 15 and the test split of 9 leave a last batch that accelerate completes with repeated
     # examples on one process; they must not count.
@@ -178,9 +211,16 @@ def test_two_processes_equal_one_process_with_twice_the_batch_and_resume_bit_ide
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["lr"] == b["lr"] == pytest.approx(closed_form(a["step"], 1e-3, 1, 4, "linear"), abs=1e-12)
 
-    # Resuming the 2-process run from its checkpoint of step 3 (mid-epoch 2) ends bit-identical.
-    resumed = rewind(two, tmp_path / "resumed", step=3)
-    run_processes(tmp_path, "resumed", {**recipe(two, 4), "output": {"dir": str(resumed)}}, 2, "--resume")
+    # Preempted by SIGTERM during step 3 (mid-epoch 2), with no checkpoint planned before the end: both processes
+    # stop after that step with one checkpoint, and the same command line requeued ends bit-identical.
+    preempted = {**recipe(tmp_path / "resumed", 4), "checkpoint": {"every_steps": 100}}
+    preempted["task"]["name"] = "signalling-text"  # text classification, sending the signal
+    resumed = run_processes(tmp_path, "resumed", preempted, 2, "--resume", "auto",
+                            env={**signalling_task, "SIGNAL_AT_STEP": "3"}, status=RESUMABLE)
+    assert "Stopped on SIGTERM after step 3 of 4" in run_processes.stderr and "exitcode" not in run_processes.stderr
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000003"]
+    assert not (resumed / "model").exists()
+    run_processes(tmp_path, "resumed", preempted, 2, "--resume", "auto", env=signalling_task)
     a, b = weights(two), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert summary(two)["metrics"] == summary(resumed)["metrics"]
