@@ -9,6 +9,7 @@ while it saves, samples and renders the card.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,18 @@ class _Run:
     metrics: Any
 
 
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
+def run(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False) -> RunSummary:
+    """`resume`: True, False, or "auto" (resume when a complete checkpoint exists)."""
+    from finetune.storage import DiskFull, disk_problem
+
     try:
         return _run(recipe, resume=resume, overwrite=overwrite)
+    except OSError as exc:  # a write outside the checkpoints and the final outputs (those say more)
+        reason = disk_problem(exc)
+        if reason is None:
+            raise
+        raise DiskFull(f"Could not write {exc.filename or 'to ' + str(recipe.run_dir)}: {reason}. Free some space (or set "
+                       "output.dir to a larger disk) and continue with --resume auto.") from None
     except RuntimeError as exc:  # torch.distributed's errors (DistBackendError is one)
         if not _lost_peers(exc):
             raise
@@ -74,13 +84,20 @@ def _lost_peers(exc: BaseException) -> bool:
     return any(sign in text for sign in ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe"))
 
 
-def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> RunSummary:
+def _run(recipe: Recipe, *, resume: bool | str, overwrite: bool) -> RunSummary:
+    from finetune.storage import expected_bytes, space_warning, writing
     from finetune.training.engine import check_shared_run_dir, is_sharded
     from finetune.training.loop import train
 
     layout = RunLayout(recipe.run_dir)
+    resume, overwrite = layout.resolve_resume(recipe.to_yaml(), resume, overwrite)
     layout.check_startable(recipe.to_yaml(), resume=resume, overwrite=overwrite)
     r = _build(recipe, layout)
+    adapter = r.method.produces_adapter
+    expected = expected_bytes(r.model, adapter=adapter, merged=recipe.writes_merged and adapter)
+    warning = space_warning(layout.root, expected) if r.accelerator.is_main_process else None
+    if warning:
+        print(warning, file=sys.stderr)
     with r.accelerator.local_main_process_first():  # per node: its main process tokenises, the others read its cache
         processed = r.task.preprocess(r.splits, r.task_model)
 
@@ -96,7 +113,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> RunSummary:
     # The last collective: under FSDP / ZeRO-3 the full weights are gathered onto the main process for saving.
     gathered = r.accelerator.get_state_dict(trained.model) if is_sharded(r.accelerator) else None
     if r.accelerator.is_main_process:
-        _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary, gathered)
+        with writing("the final model, metrics and card", layout.root, needed=expected["final_model"],
+                     checkpoints=layout.checkpoints):
+            _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary, gathered)
         # The other processes keep their process group: tearing it down while this one still writes the outputs
         # can abort in gloo's teardown, and the launcher would then kill this process mid-save.
         r.accelerator.end_training()

@@ -33,12 +33,18 @@ def save_checkpoint(accelerator, directory: Path, state: TrainerState, trainable
         directory.mkdir(parents=True, exist_ok=True)
         remove(tmp)
     accelerator.wait_for_everyone()
-    # The trained weights, optimizer, scheduler and RNG states of every process.
-    accelerator.save_state(str(tmp), **trainable.save_options)
-    accelerator.wait_for_everyone()
+    try:
+        # The trained weights, optimizer, scheduler and RNG states of every process.
+        accelerator.save_state(str(tmp), **trainable.save_options)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            trainable.write_fingerprint(tmp)
+            (tmp / STATE_FILE).write_text(state.to_json())
+    except BaseException:
+        if accelerator.is_main_process:
+            remove(tmp)  # what was written of it (its space is wanted back after a full disk)
+        raise
     if accelerator.is_main_process:
-        trainable.write_fingerprint(tmp)
-        (tmp / STATE_FILE).write_text(state.to_json())
         commit(tmp, final)  # the commit point
         kept = checkpoint_dir(directory, protected) if protected is not None else None
         for old in list_checkpoints(directory)[:-keep_last]:

@@ -25,9 +25,11 @@ class Evaluation:
 def eval_loader(dataset, recipe, task):
     from torch.utils.data import DataLoader
 
-    return DataLoader(
-        dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate, num_workers=recipe.train.dataloader_workers
-    )
+    from finetune.stopping import ignore_in_loader_workers
+
+    workers = recipe.train.dataloader_workers
+    return DataLoader(dataset, batch_size=recipe.train.eval_batch_size, collate_fn=task.collate, num_workers=workers,
+                      worker_init_fn=ignore_in_loader_workers if workers else None)
 
 
 def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:

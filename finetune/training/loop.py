@@ -25,6 +25,8 @@ from typing import Any
 from finetune.api import batch_examples
 from finetune.errors import FinetuneError, TrainingDiverged
 from finetune.recipe import Recipe
+from finetune.stopping import STOP, Preempted, ignore_in_loader_workers, requested_everywhere
+from finetune.storage import expected_bytes, writing
 from finetune.training.augmentation import SeededExamples
 from finetune.training.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from finetune.training.eval_loop import Evaluation, eval_loader, evaluate
@@ -79,6 +81,7 @@ class Trainer:
         train_dl = DataLoader(
             self.train_examples, batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
             generator=torch.Generator().manual_seed(t.seed), num_workers=t.dataloader_workers,
+            worker_init_fn=ignore_in_loader_workers if t.dataloader_workers else None,
         )
         self.train_dl, self.eval_dl = accelerator.prepare(train_dl, eval_loader(splits["eval"], recipe, task))
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum_steps)
@@ -87,12 +90,14 @@ class Trainer:
         optimizer = build_optimizer(method.parameter_groups(model), t, model)
         scheduler = build_scheduler(optimizer, t, self.total_steps, accelerator.num_processes)
         fingerprint = shared_fingerprint(accelerator, model)  # of the frozen base, before any engine shards it
+        self.checkpoint_bytes = expected_bytes(model, adapter=True, merged=False)["checkpoint"]
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.trainable = TrainableState(accelerator, self.model, fingerprint)
         self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
         # The window's losses are scaled here already: DeepSpeed must not divide them by its accumulation steps too.
         self.backward_options = {"scale_wrt_gas": False} if self.deepspeed else {}
         self.state = TrainerState(lr=t.lr)
+        self.checkpointed_step: int | None = None  # the step of the latest checkpoint this session wrote or read
         stop = recipe.eval.early_stopping
         self.stopping = stop
         self.keep_best = stop is not None and stop.final_model == "best"
@@ -103,6 +108,7 @@ class Trainer:
         checkpoint = latest_checkpoint(self.checkpoints)
         fresh_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]  # this recipe's peak rates
         self.state = load_checkpoint(self.accelerator, checkpoint, self.trainable)
+        self.checkpointed_step = self.state.step
         restored = [group["initial_lr"] for group in self.optimizer.param_groups]
         if self.state.lr is None:  # a checkpoint from before the rate was recorded
             self.state.lr = restored[0]
@@ -131,6 +137,7 @@ class Trainer:
         self.window = window = _LogWindow()
         last_eval = None  # the loop always evaluates its final state; the caller reuses that
         self._train_mode()
+        self._stop_if_signalled()  # a signal while the data and the model were prepared
         for epoch in range(state.epoch, self.epochs):
             if self._finished():
                 break
@@ -140,7 +147,8 @@ class Trainer:
             batches = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
             for micro_batches in _windows(batches, t.grad_accum_steps):
                 started = time.perf_counter()
-                update = self._update(micro_batches)
+                with self._out_of_memory("training"):
+                    update = self._update(micro_batches)
                 seconds = time.perf_counter() - started
                 state.train_seconds += seconds
                 window.add(update, seconds)
@@ -162,9 +170,8 @@ class Trainer:
                     last_eval, improved = self._evaluate(progress)
                 if (ck.every_steps and step % ck.every_steps == 0) or (not ck.every_steps and evaluated) \
                         or (improved and self.keep_best):
-                    self._flush_log()  # a log line never spans a checkpoint: a resumed run logs the same lines
-                    save_checkpoint(acc, self.checkpoints, state, self.trainable, ck.keep_last,
-                                    state.best_step if self.keep_best else None)
+                    self._checkpoint()
+                self._stop_if_signalled()
                 if self._finished():
                     break
         self._flush_log()  # an early stop between log steps
@@ -173,6 +180,40 @@ class Trainer:
         if last_eval is None:  # resumed after the last step: nothing was trained, evaluate once
             last_eval = evaluate(acc, self.model, self.task, self.eval_dl, self.metrics)
         return self._final(last_eval)
+
+    def _checkpoint(self) -> None:
+        self._flush_log()  # a log line never spans a checkpoint: a resumed run logs the same lines
+        last = latest_checkpoint(self.checkpoints)
+        needed = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) if last else self.checkpoint_bytes
+        where = checkpoint_dir(self.checkpoints, self.state.step)
+        with writing(f"the checkpoint {where.name}", where, needed=needed, checkpoints=self.checkpoints):
+            save_checkpoint(self.accelerator, self.checkpoints, self.state, self.trainable, self.recipe.checkpoint.keep_last,
+                            self.state.best_step if self.keep_best else None)
+        self.checkpointed_step = self.state.step
+
+    def _stop_if_signalled(self) -> None:
+        """After a preemption signal reached any process: every process stops here, after a checkpoint of the
+        current step (finetune.stopping)."""
+        signum = requested_everywhere(self.accelerator)
+        if not signum:
+            return
+        import signal
+
+        step, total = self.state.step, self.total_steps
+        if step and self.checkpointed_step != step:
+            self._checkpoint()
+        STOP.saved = True
+        self._flush_log()
+        self.bar.close()
+        self.log.close()
+        if step:
+            where = f"Everything trained so far is in {checkpoint_dir(self.checkpoints, step)}."
+        else:
+            where = "Nothing was trained yet, so there is no checkpoint: the same command starts afresh."
+        raise Preempted(
+            f"Stopped on {signal.Signals(signum).name} after step {step} of {total}. {where} Continue with the same "
+            "command and `--resume auto` (it resumes when a checkpoint exists and starts afresh otherwise)."
+        )
 
     def _train_mode(self) -> None:
         train_mode(self.model, self.frozen)
@@ -254,6 +295,41 @@ class Trainer:
             f"{self.recipe.train.lr:g}), keep gradient clipping on (train.max_grad_norm), or use bf16 instead of fp16. {where}"
         )
 
+    @contextlib.contextmanager
+    def _out_of_memory(self, phase: str):
+        """Turn the device running out of memory into one message: where, with which batch, what to try."""
+        import torch
+
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise FinetuneError(self._memory_advice(phase)) from None
+
+    def _memory_advice(self, phase: str) -> str:
+        r, t = self.recipe, self.recipe.train
+        where = f"step {self.state.step + 1} of {self.total_steps}" if phase == "training" else f"the evaluation after step {self.state.step}"
+        if phase == "training":
+            batch = f"train.batch_size {t.batch_size} × train.grad_accum_steps {t.grad_accum_steps} per device"
+            tries = [f"a smaller train.batch_size with more train.grad_accum_steps, the same examples per step (e.g. "
+                     f"batch_size: {max(t.batch_size // 2, 1)}, grad_accum_steps: {t.grad_accum_steps * 2})"]
+            if not t.gradient_checkpointing:
+                tries.append("train.gradient_checkpointing: true")
+        else:
+            batch = f"train.eval_batch_size {t.eval_batch_size}"
+            tries = [f"a smaller train.eval_batch_size (e.g. {max(t.eval_batch_size // 2, 1)})"]
+        if t.mixed_precision == "no":
+            tries.append("train.mixed_precision: bf16")
+        if r.model.dtype == "float32" and r.method.name != "full":
+            tries.append("model.dtype: bfloat16 for the frozen weights")
+        if r.method.name == "full":
+            tries.append("method lora, which trains a small adapter and keeps no optimizer state for the base")
+        last = latest_checkpoint(self.checkpoints)
+        resume = (f"The last complete checkpoint is {last}: after a change that keeps the recipe (only train.lr may "
+                  "differ on --resume), continue from it; otherwise start over with --overwrite." if last else
+                  "No checkpoint was written yet.")
+        return (f"Out of memory on {self.accelerator.device} during {where} ({batch}). Try " + "; or ".join(tries)
+                + f". {resume}")
+
     # -- logging, evaluation, early stopping ----------------------------------------------
     def _log(self, record: dict) -> None:
         self.log.write(record)
@@ -261,7 +337,8 @@ class Trainer:
 
     def _evaluate(self, progress: float) -> tuple[Evaluation, bool]:
         """Evaluate the current weights, record them, and say whether they are the best so far."""
-        evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
+        with self._out_of_memory("evaluation"):
+            evaluation = evaluate(self.accelerator, self.model, self.task, self.eval_dl, self.metrics)
         self._train_mode()
         results, step = evaluation.metrics, self.state.step
         if not math.isfinite(results["loss"]):

@@ -1,0 +1,120 @@
+"""Disk space: what a run will write, whether it fits, and a clear message when a write fails for
+lack of space (a full disk, a quota, a file-size limit, a read-only filesystem).
+
+Every output is written beside its place and moved in once complete (finetune.files), so a failed
+write loses nothing complete: the message names the last complete checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file would exceed this process's file-size limit (`ulimit -f`)",
+    errno.EROFS: "the filesystem is read-only",
+}
+_TEXTS = {os.strerror(code): reason for code, reason in REASONS.items()}  # errors that carry only the text
+
+
+class DiskFull(FinetuneError):
+    """A write failed for lack of space; the message names the path, the space needed and the checkpoint to resume from."""
+
+
+def expected_bytes(model, *, adapter: bool, merged: bool) -> dict[str, int]:
+    """What one checkpoint and the final model take, from the model's parameters: a checkpoint holds the
+    trainable weights with their two AdamW states (float32) and the buffers; the final model is the adapter (or
+    the whole model), plus the whole model again when a merged copy is written."""
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    final = (trainable if adapter else whole) + (whole if merged else 0)
+    return {"checkpoint": 3 * trainable + buffers, "final_model": final}
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing(path)).free
+
+
+def space_warning(path: Path, needed: dict[str, int]) -> str | None:
+    """A warning when the filesystem of `path` has less free space than a checkpoint plus the final model."""
+    free = free_bytes(path)
+    if free >= needed["checkpoint"] + needed["final_model"]:
+        return None
+    return (f"warning: {size(free)} free on the filesystem of {path}, but a checkpoint takes about "
+            f"{size(needed['checkpoint'])} and the final model about {size(needed['final_model'])}. Free some space "
+            "or set output.dir to a larger disk, or the run will stop when a write fails (resumably).")
+
+
+@contextmanager
+def writing(what: str, path: Path, *, needed: int | None, checkpoints: Path) -> Iterator[None]:
+    """Turn a write that fails for lack of space into one DiskFull message; any other error passes."""
+    try:
+        yield
+    except Exception as exc:
+        reason = disk_problem(exc, path, needed)
+        if reason is None:
+            raise
+        raise DiskFull(_message(what, path, reason, needed, checkpoints)) from None
+
+
+def disk_problem(exc: BaseException, path: Path | None = None, needed: int | None = None) -> str | None:
+    """Why `exc` is a lack of space, or None. OSErrors carry an errno; other writers say nothing of it (torch.save:
+    "file write failed", "unexpected pos 17856 vs 17748"), so then the filesystem is asked, when `path` is known."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in REASONS:
+            return REASONS[seen.errno]
+        for text, reason in _TEXTS.items():
+            if text in str(seen):
+                return reason
+        seen = seen.__cause__ or seen.__context__
+    if path is None:
+        return None
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and (needed is None or needed > limit):
+        return f"{REASONS[errno.EFBIG]}, {size(limit)}"
+    if not os.access(_existing(path), os.W_OK):
+        return "the directory is not writable"
+    if needed is not None and free_bytes(path) < needed:
+        return REASONS[errno.ENOSPC]
+    return None
+
+
+def _message(what: str, path: Path, reason: str, needed: int | None, checkpoints: Path) -> str:
+    from finetune.training.checkpoint import latest_checkpoint
+
+    space = f"{size(free_bytes(path))} free there"
+    if needed:
+        space += f", about {size(needed)} needed"
+    last = latest_checkpoint(checkpoints)
+    resume = (f"continue with `finetune run RECIPE --resume` from the last complete checkpoint, {last}" if last else
+              "no checkpoint was complete yet, so start the run again")
+    return (f"Could not write {what} to {path}: {reason} ({space}). Nothing complete was deleted. Free some space (or "
+            f"set output.dir to a larger disk), then {resume}.")
+
+
+def size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (a run directory not made yet)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
