@@ -69,23 +69,87 @@ def _load(recipe: Recipe) -> DatasetDict:
 
     data = recipe.data
     if data.files:
-        builders = {DATA_FORMATS[recipe.resolve(f).suffix.lower()] for f in data.files.values()}
+        files = {split: recipe.resolve(f) for split, f in data.files.items()}
+        builders = {DATA_FORMATS[path.suffix.lower()] for path in files.values()}
         if len(builders) > 1:
             raise DataError(
                 f"data.files: all files must have one format; got {sorted(builders)}. Convert them to one of these."
             )
+        builder = builders.pop()
+        try:
+            loaded = load_dataset(builder, data_files={split: str(path) for split, path in files.items()})
+        except Exception as exc:
+            raise _bad_line_error(files.values(), builder) or DataError(
+                f"data.files: could not load {sorted(map(str, files.values()))}: {type(exc).__name__}: {exc}."
+            ) from None
+        if builder == "csv" and any(split.data.column(c).null_count for split in loaded.values() for c in split.column_names):
+            bad = _bad_line_error(files.values(), builder)  # pandas reads a row with fields missing as empty values
+            if bad:
+                raise bad
+        return loaded
+    folder = recipe.data_folder  # a local folder: `datasets` infers its format (imagefolder, csv ...)
     try:
-        if data.files:
-            files = {split: str(recipe.resolve(f)) for split, f in data.files.items()}
-            return load_dataset(builders.pop(), data_files=files)
-        folder = recipe.data_folder  # a local folder: `datasets` infers its format (imagefolder, csv ...)
         return load_dataset(str(folder) if folder else data.path, data.config, revision=data.revision)
     except Exception as exc:
-        source = f"the files {sorted(data.files.values())}" if data.files else f"the dataset '{data.path}'" + (
-            f" (config '{data.config}')" if data.config else ""
-        )
+        if folder:
+            raise DataError(f"data.path: could not load the folder {folder}: {type(exc).__name__}: {exc}.") from None
+        config = f" (config '{data.config}')" if data.config else ""
         raise DataError(
-            f"data: could not load {source}: {type(exc).__name__}: {exc}. "
+            f"data.path: could not load the dataset '{data.path}'{config}: {type(exc).__name__}: {exc}. "
             "Check the name and config; without access to the Hugging Face Hub, use local files (data.files) "
             "or a local folder (data.path: a folder of images, one sub-folder per class)."
         ) from None
+
+
+def _bad_line_error(files, builder: str) -> DataError | None:
+    """The first malformed line of the local files, as an error naming the file, the line and an excerpt."""
+    for path in files:
+        found = _first_bad_csv_row(path) if builder == "csv" else _first_bad_json_line(path) if builder == "json" else None
+        if found:
+            number, problem, line = found
+            excerpt = line if len(line) <= 80 else line[:77] + "..."
+            return DataError(f"data.files: {path}, line {number}: {problem}: {excerpt!r}. Fix or remove that line.")
+    return None
+
+
+def _first_bad_json_line(path) -> tuple[int, str, str] | None:
+    """JSON Lines: the first line that is not a JSON object. A document (a .json array): where it stops parsing."""
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    try:
+        json.loads(text)
+        return None  # one valid document
+    except json.JSONDecodeError as whole:
+        first = next((line for line in lines if line.strip()), "")
+        if not first.lstrip().startswith("{") or first.rstrip().endswith(("{", "[", ",")):
+            return whole.lineno, f"not valid JSON ({whole.msg}, column {whole.colno})", lines[whole.lineno - 1]
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return number, f"not a complete JSON object ({exc.msg}, column {exc.colno}; a line cut short?)", line
+        if not isinstance(row, dict):
+            return number, f"a JSON {type(row).__name__}, not an object of column values", line
+    return None
+
+
+def _first_bad_csv_row(path) -> tuple[int, str, str] | None:
+    """The first row whose number of fields differs from the header's."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        for row in reader:
+            if header and row and len(row) != len(header):
+                number, problem = reader.line_num, f"{len(row)} field{'s' * (len(row) != 1)} where the header has {len(header)}"
+                break
+        else:
+            return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        line = next(line for n, line in enumerate(f, 1) if n == number)
+    return number, problem, line.rstrip("\r\n")
