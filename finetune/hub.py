@@ -19,6 +19,7 @@ from pathlib import Path
 
 from finetune.card import method_of, render_card
 from finetune.errors import FinetuneError
+from finetune.redaction import redact, redacted_logs
 from finetune.rundir import RunLayout, read_run
 
 ATTEMPTS = 4
@@ -141,15 +142,16 @@ def push(plan: PushPlan) -> str:
         operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=source) for path, source in plan.files.items()]
         return api.create_commit(t.repo_id, operations=operations, commit_message=message, revision=t.revision)
 
-    try:
-        _with_retries(lambda: api.create_repo(t.repo_id, private=t.private, exist_ok=True))
-        if t.revision != "main":
-            _with_retries(lambda: api.create_branch(t.repo_id, branch=t.revision, exist_ok=True))
-        # huggingface_hub already retries the upload requests (preupload, LFS) with its own
-        # backoff; only a failed commit request itself is worth repeating here.
-        info = _with_retries(commit, only=lambda exc: "/commit/" in _url(exc))
-    except Exception as exc:
-        raise PushError(f"pushing to {t.repo_id} failed: {_explain(exc, t.repo_id)} {retry}") from None
+    with redacted_logs("huggingface_hub"):  # its warnings may quote a server's answer
+        try:
+            _with_retries(lambda: api.create_repo(t.repo_id, private=t.private, exist_ok=True))
+            if t.revision != "main":
+                _with_retries(lambda: api.create_branch(t.repo_id, branch=t.revision, exist_ok=True))
+            # huggingface_hub already retries the upload requests (preupload, LFS) with its own
+            # backoff; only a failed commit request itself is worth repeating here.
+            info = _with_retries(commit, only=lambda exc: "/commit/" in _url(exc))
+        except Exception as exc:
+            raise PushError(redact(f"pushing to {t.repo_id} failed: {_explain(exc, t.repo_id)} {retry}")) from None
     return info.commit_url
 
 
@@ -176,7 +178,7 @@ def _with_retries(call, only=lambda exc: True):
         except Exception as exc:
             if attempt == ATTEMPTS or not (_transient(exc) and only(exc)):
                 raise
-            print(f"Hub request failed ({_explain(exc)}); retrying in {delay:g} s ({attempt}/{ATTEMPTS - 1})", flush=True)
+            print(redact(f"Hub request failed ({_explain(exc)}); retrying in {delay:g} s ({attempt}/{ATTEMPTS - 1})"), flush=True)
             time.sleep(delay)
             delay *= 2
 

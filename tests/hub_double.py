@@ -98,7 +98,7 @@ class HubDouble:
         self.unmatched: list[Recorded] = []
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
-        self._failures: list[list] = []  # [method, compiled regex, status, times left]
+        self._failures: list[list] = []  # [method, compiled regex, status, times left, echo headers]
         self._lock = threading.RLock()
         self._counter = 0
         self._server: ThreadingHTTPServer | None = None
@@ -158,13 +158,14 @@ class HubDouble:
 
     # ----- test API --------------------------------------------------------------------------------
 
-    def fail_next(self, method: str, path_regex: str, status: int, times: int = 1) -> None:
+    def fail_next(self, method: str, path_regex: str, status: int, times: int = 1, echo_headers: bool = False) -> None:
         """The next `times` matching requests get `status` (e.g. 503 to test retries, 403) with a JSON {"error": ...} body.
 
         `path_regex` is searched in the raw request path (without the query). Injected failures come
-        before the auth check and change no state."""
+        before the auth check and change no state. `echo_headers`: the error message quotes the request's
+        headers, Authorization included, as a misconfigured proxy does."""
         with self._lock:
-            self._failures.append([method.upper(), re.compile(path_regex), status, times])
+            self._failures.append([method.upper(), re.compile(path_regex), status, times, echo_headers])
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """A copy of a branch's files: path -> bytes, exactly as committed."""
@@ -183,6 +184,8 @@ class HubDouble:
                 if failure[0] == method and failure[3] > 0 and failure[1].search(path):
                     failure[3] -= 1
                     message = f"HubDouble: injected HTTP {failure[2]} for {method} {path}"
+                    if failure[4]:
+                        message += " with request headers: " + "; ".join(f"{k}: {v}" for k, v in headers.items())
                     return failure[2], {"error": message}, {"X-Error-Message": message}
             route = next(
                 ((handler, match) for verb, regex, handler in self._routes

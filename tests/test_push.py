@@ -178,6 +178,18 @@ def test_a_malformed_token_is_not_echoed_nor_retried(lora_run, tmp_path):
     assert "secret" not in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_server_that_echoes_the_request_headers_never_shows_the_token(lora_run, tmp_path):
+    token = "hf_" + "Q7xK2mW9pL4vN8rT" * 2 + "zZ"  # shaped like a real one
+    with HubDouble(token=token) as hub:
+        hub.fail_next("POST", r"/commit/main$", 500, times=4, echo_headers=True)  # a proxy quoting the request
+        result = finetune("push", lora_run, "--repo-id", REPO, hub_url=hub.url, home=tmp_path, token=token)
+    shown = result.stdout + result.stderr
+    assert result.returncode == 1 and result.stdout.count("retrying in") == 3
+    assert "authorization: Bearer ***" in shown  # the echo reached the user, masked
+    assert token not in shown and token[3:] not in shown and "Traceback" not in shown
+    assert not [p for p in lora_run.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+
+
 def test_forbidden_namespace_fails_clearly(lora_run, tmp_path):
     with HubDouble(token=TOKEN) as hub:
         hub.fail_next("POST", r"^/api/repos/create$", 403)
