@@ -58,6 +58,7 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
     from finetune.launch import Launch
     from finetune.recipe import load_recipe
     from finetune.rundir import AUTO
+    from finetune import stopping
     from finetune.stopping import RESUMABLE, Preempted, stopping_gracefully
 
     resume = {None: False, "latest": True, "auto": AUTO}[resume]
@@ -87,7 +88,10 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
             if main_process:
                 click.echo(str(stopped), err=True)
             _leave(RESUMABLE)
+        late_signal = stopping.STOP.name
     if main_process:
+        if late_signal:
+            click.echo(f"finetune: {late_signal} came after the last training step; the run finished its outputs.", err=True)
         _print_summary(summary)
         if loaded.hub.push and LAUNCHED_ENV not in os.environ:
             _push_after_run(loaded)

@@ -95,9 +95,7 @@ class Launch:
 
         import logging
 
-        # torchrun's agent logs every process that exits non-zero as an error; one that stopped resumably did not fail.
-        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
-            lambda record: f"(exitcode: {RESUMABLE})" not in record.getMessage())
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_resumable_exit)
         saved_env = dict(os.environ)
         os.environ.update(env)
         os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle, read by both launchers
@@ -126,6 +124,13 @@ class Launch:
             os.environ.clear()
             os.environ.update(saved_env)
         return 0
+
+
+def _not_a_resumable_exit(record) -> bool:
+    """torchrun's agent logs every process that exits non-zero as a failure; one that stopped resumably did not fail."""
+    from finetune.stopping import RESUMABLE
+
+    return f"(exitcode: {RESUMABLE})" not in record.getMessage()
 
 
 def check_accelerate_config(path: str):

@@ -8,6 +8,7 @@ while it saves, samples and renders the card.
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 from dataclasses import dataclass
@@ -52,16 +53,16 @@ class _Run:
 
 def run(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False) -> RunSummary:
     """`resume`: True, False, or "auto" (resume when a complete checkpoint exists)."""
-    from finetune.storage import DiskFull, disk_problem
+    from finetune.storage import CannotWrite, disk_problem
 
     try:
         return _run(recipe, resume=resume, overwrite=overwrite)
     except OSError as exc:  # a write outside the checkpoints and the final outputs (those say more)
         reason = disk_problem(exc)
-        if reason is None:
+        if reason is None or exc.errno == errno.EACCES:  # that one may as well be a read (of the model, the data)
             raise
-        raise DiskFull(f"Could not write {exc.filename or 'to ' + str(recipe.run_dir)}: {reason}. Free some space (or set "
-                       "output.dir to a larger disk) and continue with --resume auto.") from None
+        raise CannotWrite(f"Could not write {exc.filename or 'to ' + str(recipe.run_dir)}: {reason}. Free some space (or set "
+                          "output.dir to another disk, one this user may write to) and continue with --resume auto.") from None
     except RuntimeError as exc:  # torch.distributed's errors (DistBackendError is one)
         if not _lost_peers(exc):
             raise

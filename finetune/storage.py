@@ -1,5 +1,5 @@
 """Disk space: what a run will write, whether it fits, and a clear message when a write fails for
-lack of space (a full disk, a quota, a file-size limit, a read-only filesystem).
+lack of space (a full disk, a quota, a file-size limit) or permission (a read-only filesystem).
 
 Every output is written beside its place and moved in once complete (finetune.files), so a failed
 write loses nothing complete: the message names the last complete checkpoint to resume from.
@@ -21,22 +21,28 @@ REASONS = {
     errno.EDQUOT: "the disk quota is used up",
     errno.EFBIG: "a file would exceed this process's file-size limit (`ulimit -f`)",
     errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "this user may not write there (permission denied)",
 }
 _TEXTS = {os.strerror(code): reason for code, reason in REASONS.items()}  # errors that carry only the text
 
 
-class DiskFull(FinetuneError):
-    """A write failed for lack of space; the message names the path, the space needed and the checkpoint to resume from."""
+class CannotWrite(FinetuneError):
+    """A write failed for lack of space or permission; the message names the path, the space needed and the
+    checkpoint to resume from."""
 
 
 def expected_bytes(model, *, adapter: bool, merged: bool) -> dict[str, int]:
     """What one checkpoint and the final model take, from the model's parameters: a checkpoint holds the
-    trainable weights with their two AdamW states (float32) and the buffers; the final model is the adapter (or
-    the whole model), plus the whole model again when a merged copy is written."""
+    trainable weights and the buffers, with two AdamW states (float32) for each trainable weight; the final model
+    is the adapter (or the whole model), plus the merged copy when one is written."""
+    import torch
+
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    whole = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    final = (trainable if adapter else whole) + (whole if merged else 0)
+    state = model.state_dict(keep_vars=True)  # persistent buffers only (not a BERT's position ids)
+    buffers = sum(t.nbytes for t in {id(t): t for t in state.values() if not isinstance(t, torch.nn.Parameter)}.values())
+    whole = sum(p.nbytes for p in model.parameters()) + buffers
+    # A merged copy is the base with the adapter folded in: the whole model but for the adapter's own weights.
+    final = (trainable if adapter else whole) + (whole - trainable if merged else 0)
     return {"checkpoint": 3 * trainable + buffers, "final_model": final}
 
 
@@ -56,14 +62,14 @@ def space_warning(path: Path, needed: dict[str, int]) -> str | None:
 
 @contextmanager
 def writing(what: str, path: Path, *, needed: int | None, checkpoints: Path) -> Iterator[None]:
-    """Turn a write that fails for lack of space into one DiskFull message; any other error passes."""
+    """Turn a write that fails for lack of space into one CannotWrite message; any other error passes."""
     try:
         yield
     except Exception as exc:
         reason = disk_problem(exc, path, needed)
         if reason is None:
             raise
-        raise DiskFull(_message(what, path, reason, needed, checkpoints)) from None
+        raise CannotWrite(_message(what, path, reason, needed, checkpoints)) from None
 
 
 def disk_problem(exc: BaseException, path: Path | None = None, needed: int | None = None) -> str | None:
@@ -100,8 +106,8 @@ def _message(what: str, path: Path, reason: str, needed: int | None, checkpoints
     last = latest_checkpoint(checkpoints)
     resume = (f"continue with `finetune run RECIPE --resume` from the last complete checkpoint, {last}" if last else
               "no checkpoint was complete yet, so start the run again")
-    return (f"Could not write {what} to {path}: {reason} ({space}). Nothing complete was deleted. Free some space (or "
-            f"set output.dir to a larger disk), then {resume}.")
+    return (f"Could not write {what} to {path}: {reason} ({space}). Nothing complete was deleted. Free some space "
+            f"(or set output.dir to another disk, one this user may write to), then {resume}.")
 
 
 def size(n: int) -> str:

@@ -197,13 +197,40 @@ def test_a_full_disk_while_writing_the_final_model_is_one_message_and_resume_fin
     same_weights(uninterrupted / "model", run_dir / "model")
 
 
-def test_too_little_free_space_is_warned_about_at_the_start(tmp_path, model, data):
-    from finetune.storage import free_bytes, space_warning
+@pytest.mark.parametrize("method, merged", [("lora", True), ("full", False)])
+def test_a_run_warns_at_its_start_when_a_checkpoint_and_the_final_model_would_not_fit(
+        method, merged, tmp_path, model, data, monkeypatch):
+    from finetune import storage
 
-    free = free_bytes(tmp_path)
-    assert space_warning(tmp_path / "not-yet" / "run", {"checkpoint": 1000, "final_model": 1000}) is None
-    warning = space_warning(tmp_path / "run", {"checkpoint": free, "final_model": 1})
-    assert warning.startswith("warning:") and str(tmp_path / "run") in warning
+    estimates = []
+    real_warning = storage.space_warning
+
+    def recording_warning(path, needed):
+        estimates.append(needed)
+        return real_warning(path, needed)
+
+    monkeypatch.setattr(storage, "space_warning", recording_warning)
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
+    result = invoke("run", recipe(tmp_path, model, data, "run", method, train={"max_steps": 2, "batch_size": 8},
+                                  output={"merged": merged}))
+    assert result.exit_code == 0, result.output
+    needed = estimates[0]
+    assert (f"warning: 1000 B free on the filesystem of {tmp_path / 'run'}, but a checkpoint takes about "
+            f"{storage.size(needed['checkpoint'])} and the final model about {storage.size(needed['final_model'])}") \
+        in " ".join(result.output.split())
+
+    # The estimates are the bytes of the tensors the run then wrote: the checkpoint's trainable weights and buffers
+    # with the two AdamW states of each trainable weight; the final model (its merged copy too).
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"].values()
+    moments = sum(state[k].nbytes for state in optimizer for k in ("exp_avg", "exp_avg_sq"))
+    assert needed["checkpoint"] == tensor_bytes(checkpoint) + moments
+    final = tensor_bytes(tmp_path / "run" / "model") + (tensor_bytes(tmp_path / "run" / "model-merged") if merged else 0)
+    assert needed["final_model"] == final
+
+
+def tensor_bytes(folder: Path) -> int:
+    return sum(t.nbytes for f in folder.glob("*.safetensors") for t in load_file(f).values())
 
 
 # -- preemption: a second signal ------------------------------------------------------------------
