@@ -37,10 +37,17 @@ def main():
     """Config-driven transfer learning: one recipe, three methods, a model card."""
 
 
+def _resume_mode(ctx, param, value):
+    if value in (None, "latest", "auto"):
+        return value
+    raise click.BadParameter(f"it takes no value or `auto`, not '{value}'. Put it after the recipe: "
+                             "finetune run RECIPE --resume [auto]")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-@click.option("--resume", is_flag=False, flag_value="latest", default=None, type=click.Choice(["latest", "auto"]),
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[auto]", callback=_resume_mode,
               help="Continue the run from its latest complete checkpoint; `--resume auto`: resume when there is one, "
                    "start afresh when there is none (for requeued jobs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
@@ -57,19 +64,21 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
     """Fine-tune, evaluate and write the model and its card, as RECIPE says."""
     from finetune.launch import Launch
     from finetune.recipe import load_recipe
-    from finetune.rundir import AUTO
+    from finetune.rundir import AUTO, RunLayout
     from finetune import stopping
     from finetune.stopping import RESUMABLE, Preempted, stopping_gracefully
 
     resume = {None: False, "latest": True, "auto": AUTO}[resume]
     loaded = load_recipe(recipe, overrides)
+    if resume == AUTO and RunLayout(loaded.run_dir).finished_with(loaded.to_yaml()):
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"{loaded.run_dir} holds this recipe's finished run: --resume auto has nothing to do.")
+        return
     if cpu:
         os.environ[FORCE_CPU_ENV] = "1"  # read by finetune.training.engine, here and in the launched processes
     launch = Launch(processes, accelerate_config, nnodes, node_rank, rdzv_endpoint, cpu)
     if launch.needed:
         if node_rank == 0:  # checked once, on the first machine, so a refusal is one message rather than one per process
-            from finetune.rundir import RunLayout
-
             layout = RunLayout(loaded.run_dir)
             starts = layout.resolve_resume(loaded.to_yaml(), resume, overwrite)
             layout.check_startable(loaded.to_yaml(), resume=starts[0], overwrite=starts[1])

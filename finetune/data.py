@@ -102,9 +102,15 @@ def _load(recipe: Recipe) -> DatasetDict:
 
 
 def _bad_line_error(files, builder: str) -> DataError | None:
-    """The first malformed line of the local files, as an error naming the file, the line and an excerpt."""
+    """The first malformed line of the local files, as an error naming the file, the line and an excerpt (None
+    when none is found, or the search itself fails: the caller's own message stands then)."""
     for path in files:
-        found = _first_bad_csv_row(path) if builder == "csv" else _first_bad_json_line(path) if builder == "json" else None
+        try:
+            found = _first_bad_csv_row(path) if builder == "csv" else _first_bad_json_line(path) if builder == "json" else None
+        except Exception:  # an unreadable file, a CSV quote left open ...: no line to name
+            found = None
+        if found and found[0] == 0:
+            return DataError(f"data.files: {path} {found[1]}: give it one JSON object per line, or remove it.")
         if found:
             number, problem, line = found
             excerpt = line if len(line) <= 80 else line[:77] + "..."
@@ -113,18 +119,21 @@ def _bad_line_error(files, builder: str) -> DataError | None:
 
 
 def _first_bad_json_line(path) -> tuple[int, str, str] | None:
-    """JSON Lines: the first line that is not a JSON object. A document (a .json array): where it stops parsing."""
+    """JSON Lines (.jsonl, or a .json file whose lines are objects): the first line that is not a JSON object.
+    A JSON document: where it stops parsing."""
     import json
 
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
+    if not text.strip():
+        return 0, "is empty", ""
     try:
         json.loads(text)
         return None  # one valid document
     except json.JSONDecodeError as whole:
-        first = next((line for line in lines if line.strip()), "")
-        if not first.lstrip().startswith("{") or first.rstrip().endswith(("{", "[", ",")):
-            return whole.lineno, f"not valid JSON ({whole.msg}, column {whole.colno})", lines[whole.lineno - 1]
+        if not _json_lines(path, lines):
+            number = min(whole.lineno, len(lines))
+            return number, f"not valid JSON ({whole.msg}, column {whole.colno}; a file cut short?)", lines[number - 1]
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -137,14 +146,28 @@ def _first_bad_json_line(path) -> tuple[int, str, str] | None:
     return None
 
 
-def _first_bad_csv_row(path) -> tuple[int, str, str] | None:
-    """The first row whose number of fields differs from the header's."""
-    import csv
+def _json_lines(path, lines: list[str]) -> bool:
+    """Whether a JSON file is JSON Lines: by its suffix, or by its first lines each holding an object."""
+    if path.suffix.lower() == ".jsonl":
+        return True
+    starts = [line.strip() for line in lines[:20] if line.strip()]
+    return len(starts) > 1 and sum(line.startswith("{") and line.endswith("}") for line in starts) > len(starts) // 2
 
+
+def _first_bad_csv_row(path) -> tuple[int, str, str] | None:
+    """The first row whose number of fields differs from the header's (the line where the row ends)."""
+    import csv
+    import sys
+
+    csv.field_size_limit(sys.maxsize)  # a long text cell is no error (pandas has no such limit)
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.reader(f)
         header = next(reader, None)
+        while header and not header[-1]:  # a trailing comma after the header: pandas reads no column there
+            header = header[:-1]
         for row in reader:
+            if len(row) > len(header) and not any(row[len(header):]):  # empty fields past the header's: none
+                row = row[:len(header)]
             if header and row and len(row) != len(header):
                 number, problem = reader.line_num, f"{len(row)} field{'s' * (len(row) != 1)} where the header has {len(header)}"
                 break

@@ -142,7 +142,7 @@ def push(plan: PushPlan) -> str:
         operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=source) for path, source in plan.files.items()]
         return api.create_commit(t.repo_id, operations=operations, commit_message=message, revision=t.revision)
 
-    with redacted_logs("huggingface_hub"):  # its warnings may quote a server's answer
+    with redacted_logs():  # huggingface_hub's warnings may quote a server's answer
         try:
             _with_retries(lambda: api.create_repo(t.repo_id, private=t.private, exist_ok=True))
             if t.revision != "main":

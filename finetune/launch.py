@@ -86,44 +86,71 @@ class Launch:
 
     def start(self, arguments: list[str], env: dict[str, str]) -> int:
         """Run the launcher in this process (as `accelerate launch` runs torchrun), so that its processes' exit
-        statuses are known here: `stopping.RESUMABLE` when every process that ended stopped resumably on a signal.
-        The preemption signals are passed on to the processes (finetune.stopping), not handled by torchrun's agent,
-        which would kill them after a 30 s grace."""
+        statuses are known here: `stopping.RESUMABLE` when the processes stopped resumably on a signal. The
+        preemption signals are passed on to the processes (finetune.stopping), not handled by torchrun's agent,
+        which would kill them 30 s later. What the launcher changes in this process (environment, signal handlers,
+        the thread's name, a logging filter) is put back afterwards."""
+        import logging
+        import signal
+        import threading
+
+        from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-        from finetune.stopping import RESUMABLE, stopping_gracefully
+        from finetune.stopping import stopping_gracefully
 
-        import logging
-
-        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_resumable_exit)
-        saved_env = dict(os.environ)
+        agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        saved_env, saved_name = dict(os.environ), threading.current_thread().name
+        saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGQUIT)}
         os.environ.update(env)
         os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle, read by both launchers
-        launcher_arguments = self.command(arguments)[3:]  # without `python -m MODULE`
+        agent_log.addFilter(_not_a_resumable_exit)
         try:
             with stopping_gracefully(launcher=True) as stop:
                 try:
-                    if self.config is not None:
-                        from accelerate.commands.launch import launch_command, launch_command_parser
-
-                        launch_command(launch_command_parser().parse_args(launcher_arguments))
-                    else:
-                        from torch.distributed.run import parse_args, run
-
-                        run(parse_args(launcher_arguments))
+                    self._run_launcher(self.command(arguments)[3:])  # without `python -m MODULE`
                 except ChildFailedError as failed:
-                    if stop.aborted:
-                        return 128 + stop.signal
-                    codes = [failure.exitcode for failure in failed.failures.values()]
-                    stopped = (RESUMABLE, -stop.signal) if stop.signal else (RESUMABLE,)
-                    if all(code in stopped for code in codes):
-                        return RESUMABLE
-                    print(failed, file=sys.stderr)
-                    return 1
+                    return _status(failed, stop)
+                except SignalException as exc:  # SIGHUP / SIGQUIT: the agent has ended the processes
+                    return 128 + exc.sigval
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
+            threading.current_thread().name = saved_name
+            for sig, handler in saved_handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+            agent_log.removeFilter(_not_a_resumable_exit)
         return 0
+
+    def _run_launcher(self, arguments: list[str]) -> None:
+        if self.config is not None:
+            from accelerate.commands.launch import launch_command, launch_command_parser
+
+            launch_command(launch_command_parser().parse_args(arguments))
+        else:
+            from torch.distributed.run import parse_args, run
+
+            run(parse_args(arguments))
+
+
+def _status(failed, stop) -> int:
+    """The launcher's exit status when some process ended non-zero: resumable when each of them stopped on the
+    signal (75), or died of it (before it could handle it, or of the agent's SIGTERM to the rest once one had
+    exited); 128 + the signal after an abort; otherwise 1, with torchrun's account of the failures."""
+    import signal
+
+    from finetune.stopping import RESUMABLE
+
+    if stop.aborted:
+        return 128 + stop.aborted
+    codes = {failure.exitcode for failure in failed.failures.values()}
+    # Without a signal here, one reached the processes directly (SLURM signals every process of a job step).
+    stopped = {RESUMABLE, -stop.signal, -signal.SIGTERM} if stop.signal else {RESUMABLE}
+    if codes <= stopped:
+        return RESUMABLE
+    print(failed, file=sys.stderr)
+    return 1
 
 
 def _not_a_resumable_exit(record) -> bool:

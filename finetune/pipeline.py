@@ -61,8 +61,12 @@ def run(recipe: Recipe, *, resume: bool | str = False, overwrite: bool = False) 
         reason = disk_problem(exc)
         if reason is None or exc.errno == errno.EACCES:  # that one may as well be a read (of the model, the data)
             raise
-        raise CannotWrite(f"Could not write {exc.filename or 'to ' + str(recipe.run_dir)}: {reason}. Free some space (or set "
-                          "output.dir to another disk, one this user may write to) and continue with --resume auto.") from None
+        where = Path(exc.filename) if exc.filename else None
+        in_run = where is None or Path(recipe.run_dir).resolve() in where.resolve().parents
+        fix = ("set output.dir to another disk, one this user may write to" if in_run else
+               "move the caches to another disk: HF_HOME, HF_DATASETS_CACHE")
+        raise CannotWrite(f"Could not write {where or 'to ' + str(recipe.run_dir)}: {reason}. Free some space (or {fix}) "
+                          "and continue with --resume auto.") from None
     except RuntimeError as exc:  # torch.distributed's errors (DistBackendError is one)
         if not _lost_peers(exc):
             raise

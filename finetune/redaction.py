@@ -4,8 +4,8 @@
 A server can quote the request back, headers included (a misconfigured proxy answering 500 with
 the request it received). What is replaced: the Hugging Face token from the environment and from
 huggingface_hub's token files, the values of environment variables whose names say they are secret
-(`*TOKEN*`, `*SECRET*`, `*KEY*`, `*PASSWORD*`), anything shaped like a Hub token (`hf_…`), and the
-credentials after `Bearer` / `Basic`.
+(`*TOKEN*`, `*SECRET*`, `*KEY*`, `*PASSWORD*`, but not `*_PATH`, `*_FILE`, `*_DIR` ...), anything shaped
+like a Hub token (`hf_…`), the credentials after `Bearer` / `Basic`, and `user:password@` in URLs.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ from pathlib import Path
 
 MASK = "***"
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.I)
+_NOT_A_SECRET = re.compile(r"(_PATH|_FILE|_DIR|_DIRECTORY|_HOME|_URL|_ENDPOINT)$", re.I)  # where a secret is, not it
 _PATTERNS = [
     re.compile(r"hf_[A-Za-z0-9]{16,}"),  # Hub tokens: hf_ and 34 letters and digits
-    re.compile(r"(?<=Bearer )[^\s'\",;]+", re.I),
-    re.compile(r"(?<=Basic )[A-Za-z0-9+/=]{8,}", re.I),
+    re.compile(r"(?<=Bearer )[^\s'\",;]+"),
+    re.compile(r"(?<=Basic )(?=[A-Za-z0-9+/=]*[0-9+/=]|[A-Za-z][a-z]*[A-Z])[A-Za-z0-9+/=]{8,}"),  # base64, not a word
+    re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in a URL (a proxy's)
 ]
 _MIN_LENGTH = 6  # shorter values (a KEY=1 flag) would mask ordinary words
 
 
 def secrets() -> list[str]:
     """The secret values known here, longest first (so a token is masked before any part of it)."""
-    found = {value for name, value in os.environ.items() if _SECRET_NAME.search(name) and len(value) >= _MIN_LENGTH}
+    found = {value for name, value in os.environ.items()
+             if _SECRET_NAME.search(name) and not _NOT_A_SECRET.search(name) and len(value) >= _MIN_LENGTH}
     found.update(_token_files())
     return sorted(found, key=len, reverse=True)
 
@@ -44,30 +47,33 @@ def redact(text: str) -> str:
 
 
 @contextmanager
-def redacted_logs(*names: str) -> Iterator[None]:
-    """Within the block, the records of these loggers (huggingface_hub's, say) are redacted before any handler sees them."""
-    loggers = [logging.getLogger(name) for name in names]
-    redacting = _RedactingFilter()
-    for logger in loggers:
-        logger.addFilter(redacting)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(redacting)
+def redacted_logs() -> Iterator[None]:
+    """Within the block, every log record and warning is redacted before any handler shows it (huggingface_hub
+    logs a server's warnings from its own child loggers, and warns through `warnings`)."""
+    import warnings
 
+    make_record = logging.getLogRecordFactory()
 
-class _RedactingFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+    def redacted_record(*args, **kwargs):
+        record = make_record(*args, **kwargs)
         record.msg, record.args = redact(record.getMessage()), None
-        return True
+        return record
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+        warnings.showwarning = lambda message, *rest, **kw: show(redact(str(message)), *rest, **kw)
+        logging.setLogRecordFactory(redacted_record)
+        try:
+            yield
+        finally:
+            logging.setLogRecordFactory(make_record)
 
 
 def _token_files() -> set[str]:
-    """The tokens huggingface_hub stores (`hf auth login`): the active one and every saved one."""
-    from huggingface_hub import constants
+    """The tokens huggingface_hub knows: the active one (wherever it comes from) and every one `hf auth login` saved."""
+    from huggingface_hub import constants, get_token
 
-    found = set()
+    found = {get_token() or ""} - {""}
     for path in (constants.HF_TOKEN_PATH, constants.HF_STORED_TOKENS_PATH):
         try:
             text = Path(path).read_text()

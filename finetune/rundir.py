@@ -62,6 +62,11 @@ class RunLayout:
             return False, True
         return False, overwrite
 
+    def finished_with(self, recipe_yaml: str) -> bool:
+        """Whether this directory holds a finished run of this very recipe (a requeued job that had ended)."""
+        return (self.metrics.is_file() and self.model.exists() and self.recipe.is_file()
+                and not _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml)))
+
     def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""
         exists = self.root.is_dir() and any(self.root.iterdir())

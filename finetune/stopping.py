@@ -5,18 +5,27 @@ The first signal only raises a flag. The training loop reads it once per optimiz
 agreed over every process (`requested_everywhere`), writes a checkpoint after the current step
 and raises `Preempted`; `finetune run` then exits with `RESUMABLE` (75, sysexits' "temporary
 failure, try again"), and the same command line with `--resume auto` continues where it stopped.
-A second signal aborts at once (a checkpoint being written stays a hidden temporary folder that
-resume ignores). The same signal often arrives twice within moments, once from the scheduler and
-once forwarded by a launcher, so a repeat within `REPEAT_SECONDS` counts as the first.
+Before the first step there is nothing to save, and the process exits 75 at once.
 
-A launcher (`finetune run --processes N`) does not stop itself: it forwards the first signal to its
-processes and, on a second, kills them (`stopping_gracefully(launcher=True)`).
+A second signal aborts at once, with status 128 + its number (a checkpoint being written stays a
+hidden temporary folder that resume ignores). The same signal often arrives twice within moments,
+once from the scheduler and once passed on by a launcher, so a repeat within `REPEAT_SECONDS`
+counts as the first. Once the stop's checkpoint is complete, further signals change nothing: the
+process is leaving.
+
+Signals are read by a thread from Python's wakeup file descriptor, not by a Python-level handler:
+a handler runs only when the main thread returns to the interpreter, which may be minutes away
+(inside a CUDA or NCCL call, a large save), and the repeat window must be measured at arrival.
+
+A launcher (`finetune run --processes N`) does not stop itself: it passes the first signal on to
+its processes and kills them on a second (`stopping_gracefully(launcher=True)`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 
@@ -33,54 +42,61 @@ class Preempted(FinetuneError):
 
 
 class _Stop:
-    """What a training process knows of the stop."""
+    """What a training process knows of the stop. `on_signal` runs in the watcher thread."""
 
     def __init__(self):
         self.signal: int = 0  # the first signal's number; 0: none yet
         self.at = 0.0
-        self.saved = False  # the stop's checkpoint is complete: an abort now loses nothing
+        self.training = False  # the first step has begun: from here on a stop saves a checkpoint first
+        self.saved = False  # the stop's checkpoint is complete: the process is leaving
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal else ""
 
-    def handle(self, signum: int, frame) -> None:
-        now = time.monotonic()
+    def on_signal(self, signum: int, now: float) -> None:
         if not self.signal:
             self.signal, self.at = signum, now
-            if _speaks():
-                _say(f"finetune: {self.name} received: stopping after the current step with a checkpoint (a second "
-                     "signal aborts at once).")
-            return
-        if now - self.at < REPEAT_SECONDS:  # the same stop, delivered again (by the scheduler and a launcher)
-            return
-        if self.saved:
-            os._exit(RESUMABLE)
-        _say(f"finetune: {signal.Signals(signum).name} received again: aborting now.")
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+            if not self.training:
+                _say(f"finetune: {self.name} received before training began: nothing to save, stopping now (exit "
+                     f"{RESUMABLE}; --resume auto starts afresh).", _speaks())
+                os._exit(RESUMABLE)
+            _say(f"finetune: {self.name} received: stopping after the current step with a checkpoint (a second signal "
+                 "aborts at once).", _speaks())
+        elif now - self.at >= REPEAT_SECONDS and not self.saved:  # a repeat within the window: the same stop again
+            _say(f"finetune: {signal.Signals(signum).name} received again: aborting now.", True)
+            os._exit(128 + signum)
 
 
 class _Forward:
-    """What a launcher knows of the stop: it passes the first signal on to its processes and kills them on a second."""
+    """What a launcher knows of the stop: it passes the first signal on to its processes (also to those it starts
+    after the signal came) and kills them on a second."""
 
     def __init__(self):
         self.signal: int = 0
-        self.aborted = False
+        self.at = 0.0
+        self.aborted = 0  # the signal that aborted the processes
+        self.done = threading.Event()
 
-    def handle(self, signum: int, frame) -> None:
-        children = _children()
+    def on_signal(self, signum: int, now: float) -> None:
         if not self.signal:
-            self.signal = signum
+            self.signal, self.at = signum, now
             _say(f"finetune: {signal.Signals(signum).name} received: the processes stop after their current step "
-                 "with a checkpoint (a second signal aborts at once).")
-            for pid in children:
+                 "with a checkpoint (a second signal aborts at once).", True)
+            threading.Thread(target=self._pass_on, args=(signum,), daemon=True).start()
+        elif now - self.at >= REPEAT_SECONDS and not self.aborted:
+            _say("finetune: aborting the processes now.", True)
+            self.aborted = signum
+            for pid in _children():
+                _send(pid, signal.SIGKILL, group=True)  # with their DataLoader workers
+
+    def _pass_on(self, signum: int) -> None:
+        sent: set[int] = set()
+        while not self.done.is_set() and not self.aborted:
+            for pid in set(_children()) - sent:
                 _send(pid, signum, group=False)
-            return
-        _say("finetune: aborting the processes now.")
-        self.aborted = True
-        for pid in children:
-            _send(pid, signal.SIGKILL, group=True)  # with their DataLoader workers
+                sent.add(pid)
+            self.done.wait(0.2)
 
 
 STOP = _Stop()
@@ -89,19 +105,44 @@ STOP = _Stop()
 @contextmanager
 def stopping_gracefully(launcher: bool = False):
     """Within the block, the preemption signals stop this process gracefully (a training process) or are passed on
-    to its children (a launcher); the previous handlers come back afterwards (`main([...])` in a notebook or a test
-    keeps its own Ctrl-C)."""
-    if launcher:
-        handler = _Forward()
-    else:
-        STOP.__init__()  # a fresh run in this process
-        handler = STOP
-    previous = {sig: signal.signal(sig, handler.handle) for sig in SIGNALS}
+    to its children (a launcher). Outside the main thread nothing is installed (Python allows signal handlers only
+    there). The previous handlers come back afterwards: `main([...])` in a notebook or a test keeps its own Ctrl-C."""
+    STOP.__init__()  # a fresh run in this process
+    handler = _Forward() if launcher else STOP
+    if threading.current_thread() is not threading.main_thread():
+        yield handler
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = {sig: signal.signal(sig, _noted) for sig in SIGNALS}
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read, handler), name="finetune-signals", daemon=True)
+    watcher.start()
     try:
         yield handler
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            if old is not None:  # None: a handler installed from C, which cannot be put back from Python
+                signal.signal(sig, old)
+        os.close(write)  # the watcher reads the end of the pipe and stops
+        watcher.join(timeout=5)
+        if launcher:
+            handler.done.set()
+        STOP.__init__()
+
+
+def _noted(signum: int, frame) -> None:
+    """The Python-level handler: the signal was written to the wakeup fd already, the watcher acts on it."""
+
+
+def _watch(read: int, handler) -> None:
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(64):
+            now = time.monotonic()
+            for signum in chunk:
+                if signum in SIGNALS:
+                    handler.on_signal(signum, now)
 
 
 def requested_everywhere(accelerator) -> int:
@@ -141,5 +182,6 @@ def _speaks() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("FINETUNE_LAUNCHED") != "1"
 
 
-def _say(message: str) -> None:
-    os.write(2, f"\n{message}\n".encode())  # not print(): a handler may interrupt a print to the same stream
+def _say(message: str, loud: bool) -> None:
+    if loud:
+        os.write(2, f"\n{message}\n".encode())  # not print(): the main thread may be inside a print to this stream

@@ -69,21 +69,23 @@ def writing(what: str, path: Path, *, needed: int | None, checkpoints: Path) -> 
         reason = disk_problem(exc, path, needed)
         if reason is None:
             raise
-        raise CannotWrite(_message(what, path, reason, needed, checkpoints)) from None
+        raise CannotWrite(_message(what, path, reason, needed, checkpoints, exc)) from None
 
 
 def disk_problem(exc: BaseException, path: Path | None = None, needed: int | None = None) -> str | None:
-    """Why `exc` is a lack of space, or None. OSErrors carry an errno; other writers say nothing of it (torch.save:
-    "file write failed", "unexpected pos 17856 vs 17748"), so then the filesystem is asked, when `path` is known."""
+    """Why `exc` is a lack of space, or None. OSErrors carry an errno; the writers that do not (torch.save: "file
+    write failed", "unexpected pos 17856 vs 17748"; safetensors) raise a RuntimeError or their own error, and then
+    the filesystem of `path` is asked. A finetune message, running out of memory, a collective that timed out are
+    never taken for a full disk."""
     seen = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in REASONS:
             return REASONS[seen.errno]
         for text, reason in _TEXTS.items():
-            if text in str(seen):
+            if text in str(seen) and reason != REASONS[errno.EACCES]:  # that text may come from a read
                 return reason
         seen = seen.__cause__ or seen.__context__
-    if path is None:
+    if path is None or not _may_be_a_write(exc):
         return None
     import resource
 
@@ -97,7 +99,17 @@ def disk_problem(exc: BaseException, path: Path | None = None, needed: int | Non
     return None
 
 
-def _message(what: str, path: Path, reason: str, needed: int | None, checkpoints: Path) -> str:
+def _may_be_a_write(exc: BaseException) -> bool:
+    """A writer's error that does not say why: a RuntimeError of torch's serialisation, safetensors' own error."""
+    if isinstance(exc, FinetuneError) or "OutOfMemory" in type(exc).__name__:
+        return False
+    text = str(exc).lower()
+    if any(sign in text for sign in ("timed out", "timeout", "connection", "nccl", "gloo")):
+        return False
+    return isinstance(exc, RuntimeError) or "Safetensor" in type(exc).__name__ or isinstance(exc, OSError)
+
+
+def _message(what: str, path: Path, reason: str, needed: int | None, checkpoints: Path, exc: BaseException) -> str:
     from finetune.training.checkpoint import latest_checkpoint
 
     space = f"{size(free_bytes(path))} free there"
@@ -106,8 +118,9 @@ def _message(what: str, path: Path, reason: str, needed: int | None, checkpoints
     last = latest_checkpoint(checkpoints)
     resume = (f"continue with `finetune run RECIPE --resume` from the last complete checkpoint, {last}" if last else
               "no checkpoint was complete yet, so start the run again")
-    return (f"Could not write {what} to {path}: {reason} ({space}). Nothing complete was deleted. Free some space "
-            f"(or set output.dir to another disk, one this user may write to), then {resume}.")
+    error = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return (f"Could not write {what} to {path}: {reason} ({space}; {type(exc).__name__}: {error}). Nothing complete "
+            f"was deleted. Free some space (or set output.dir to another disk, one this user may write to), then {resume}.")
 
 
 def size(n: int) -> str:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from finetune import testing
 from finetune.cli import main
+from finetune import stopping
 from finetune.stopping import RESUMABLE
 from finetune.tasks.text_classification import TextClassification
 
@@ -76,6 +77,8 @@ def signal_at_step(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
         calls["n"] += 1
         if calls["n"] == step:
             os.kill(os.getpid(), sig)
+            while not stopping.STOP.signal:  # the signal thread has seen it (within microseconds, in a real run too)
+                time.sleep(0.001)
         return original(self, model, batch)
 
     monkeypatch.setattr(TextClassification, "training_step", training_step)
@@ -102,25 +105,25 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_auto_finishe
     assert final == json.loads((uninterrupted / "metrics.json").read_text())["metrics"]
 
 
-def test_a_signal_before_the_first_step_stops_with_nothing_to_save_and_resume_auto_starts_afresh(
+def test_resume_auto_starts_afresh_over_a_run_that_died_before_its_first_checkpoint(
         tmp_path, model, data, uninterrupted, monkeypatch):
     path = recipe(tmp_path, model, data, "run")
-    original = TextClassification.prepare_data
+    original = TextClassification.training_step
 
-    def prepare_data(self, splits):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data is read
-        return original(self, splits)
+    def dying_step(self, model, batch):
+        raise KeyboardInterrupt  # what `kill -9` in epoch 1 leaves, as far as the run directory goes
 
-    monkeypatch.setattr(TextClassification, "prepare_data", prepare_data)
-    stopped = invoke("run", path)
-    assert stopped.exit_code == RESUMABLE and "after step 0 of 12" in stopped.output and "no checkpoint" in stopped.output
+    monkeypatch.setattr(TextClassification, "training_step", dying_step)
+    assert invoke("run", path).exit_code != 0
     assert (tmp_path / "run" / "recipe.yaml").is_file() and not checkpoints(tmp_path / "run")
-    monkeypatch.undo()
+    monkeypatch.setattr(TextClassification, "training_step", original)
     assert invoke("run", path).exit_code == 1  # a plain start refuses the directory it left
     started = invoke("run", path, "--resume", "auto")  # auto starts afresh over it
     assert started.exit_code == 0, started.output
     assert "Resuming" not in started.output
     same_weights(uninterrupted / "model", tmp_path / "run" / "model")
+    again = invoke("run", path, "--resume", "auto")  # requeued once more: the run is finished, nothing to do
+    assert again.exit_code == 0 and "finished" in again.output and "Resuming" not in again.output
 
 
 # -- full disks -----------------------------------------------------------------------------------
@@ -239,34 +242,64 @@ import os, time
 from finetune.tasks.text_classification import TextClassification
 
 
+def nap(where):
+    if os.environ.get("NAP_WHERE") == where:
+        time.sleep(float(os.environ["NAP_SECONDS"]))
+
+
 class NappingText(TextClassification):
+    def preprocess(self, splits, task_model):
+        nap("preprocess")  # slow tokenising, before the first step
+        return super().preprocess(splits, task_model)
+
     def training_step(self, model, batch):
-        time.sleep(float(os.environ.get("NAP_SECONDS", "0")))  # a slow step, long enough for two signals
+        nap("training_step")  # a slow step, long enough for two signals
         return super().training_step(model, batch)
 """
 
 
-def test_a_second_signal_aborts_at_once_without_waiting_for_the_step(tmp_path, model, data):
-    site = testing.write_distribution(tmp_path / "site", "napping-task", "1.0",
-                                      {"finetune.tasks": {"napping-text": "napping_task:NappingText"}},
-                                      {"napping_task.py": NAPPING_TASK})
+def start_napping_run(tmp_path: Path, model: Path, data: Path, where: str, *arguments) -> tuple[subprocess.Popen, Path]:
+    site = tmp_path / "site"
+    if not site.exists():
+        testing.write_distribution(site, "napping-task", "1.0", {"finetune.tasks": {"napping-text": "napping_task:NappingText"}},
+                                   {"napping_task.py": NAPPING_TASK})
     body = testing.text_recipe(model, data, tmp_path / "run", "lora", train={"epochs": 2, "batch_size": 8, "log_every_steps": 1})
     body["task"]["name"] = "napping-text"
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "NAP_SECONDS": "4"}
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(testing.write_recipe(tmp_path / "r.yaml", body))],
-                               stderr=subprocess.PIPE, text=True, env=env)
-    steplog = tmp_path / "run" / "logs" / "steps.jsonl"
-    while not (steplog.is_file() and steplog.read_text()):  # step 1 is logged: step 2 has begun its nap
-        assert process.poll() is None, process.stderr.read()
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "NAP_WHERE": where,
+           "NAP_SECONDS": "30" if where == "preprocess" else "4"}
+    output = tmp_path / f"{where}.log"
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(testing.write_recipe(tmp_path / "r.yaml", body)),
+                                *arguments], stdout=output.open("w"), stderr=subprocess.STDOUT, env=env)
+    return process, output
+
+
+def wait_for(condition, process: subprocess.Popen, output: Path) -> None:
+    while not condition():
+        assert process.poll() is None, output.read_text()[-3000:]
         time.sleep(0.1)
+
+
+def test_a_signal_before_training_stops_at_once_and_a_second_signal_aborts_a_step(tmp_path, model, data):
+    # While the data is tokenised there is nothing to save: the process exits 75 at once, the run directory unmade.
+    process, output = start_napping_run(tmp_path, model, data, "preprocess", "--resume", "auto")
+    wait_for(lambda: "training 3,170 of" in output.read_text(), process, output)  # the model is built
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == RESUMABLE, output.read_text()[-3000:]
+    assert "received before training began: nothing to save" in output.read_text()
+    assert not (tmp_path / "run").exists()  # it did not wait for the 30 s of tokenising to end
+
+    # Requeued (--resume auto starts afresh), then signalled twice during a step: the second aborts, with no checkpoint.
+    process, output = start_napping_run(tmp_path, model, data, "training_step", "--resume", "auto")
+    steplog = tmp_path / "run" / "logs" / "steps.jsonl"
+    wait_for(lambda: steplog.is_file() and steplog.read_text(), process, output)  # step 1 is logged: step 2 naps
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
-    time.sleep(1.2)  # a repeat within a second would count as the same signal delivered twice
+    time.sleep(1.5)  # a repeat within a second would count as the same signal delivered twice
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == -signal.SIGTERM  # a graceful stop would end step 2 with a checkpoint and exit 75
-    output = process.stderr.read()
-    assert "stopping after the current step" in output and "received again: aborting now" in output
-    assert not checkpoints(tmp_path / "run") and "Stopped on" not in output
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM  # a graceful stop would end step 2 and exit 75
+    text = output.read_text()
+    assert "stopping after the current step" in text and "received again: aborting now" in text
+    assert not checkpoints(tmp_path / "run") and "Stopped on" not in text
 
 
 # -- out of memory ----------------------------------------------------------------------------------
@@ -326,6 +359,9 @@ def test_redact_masks_environment_tokens_the_token_file_and_hub_shaped_strings(t
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
     monkeypatch.setenv("HF_TOKEN", "env-token-abcdef")
     monkeypatch.setenv("WANDB_API_KEY", "wandb-key-987654")
+    monkeypatch.setenv("SSL_KEY_FILE", "/etc/ssl/private/finetune.key")  # where a secret is, not the secret
     text = ("env-token-abcdef stored-login-token-123 wandb-key-987654 hf_" + "a1B2" * 9
-            + " Authorization: Bearer opaque.jwt.value and Basic dXNlcjpwYXNz, 42 steps")
-    assert redact(text) == "*** *** *** *** Authorization: Bearer *** and Basic ***, 42 steps"
+            + " Authorization: Bearer opaque.jwt.value and Basic dXNlcjpwYXNz, via http://bob:s3cret@proxy:3128/;"
+            " Basic tokenization of /etc/ssl/private/finetune.key, 42 steps")
+    assert redact(text) == ("*** *** *** *** Authorization: Bearer *** and Basic ***, via http://***@proxy:3128/; "
+                            "Basic tokenization of /etc/ssl/private/finetune.key, 42 steps")

@@ -73,15 +73,19 @@ from finetune.tasks.text_classification import TextClassification
 
 
 class SignallingText(TextClassification):
-    """Rank 0 sends SIGTERM to the launcher during training step SIGNAL_AT_STEP, as a scheduler preempting the job
-    would, and goes on once the launcher has passed it back: so the stop comes after that very step."""
+    """Rank 0 sends SIGTERM to the launcher during training step SIGNAL_AT_STEP, twice as a scheduler and a job
+    script may, and goes on once the launcher has passed it on: so the stop comes after that very step."""
     steps = 0
 
     def training_step(self, model, batch):
         SignallingText.steps += 1
         if os.environ.get("RANK") == "0" and SignallingText.steps == int(os.environ.get("SIGNAL_AT_STEP", "0")):
-            os.kill(os.getppid(), signal.SIGTERM)
+            for _ in range(2):  # within a second: one stop, not an abort
+                os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(0.05)
+            waited = time.monotonic()
             while not stopping.STOP.signal:
+                assert time.monotonic() - waited < 60, "the launcher did not pass the signal on"
                 time.sleep(0.01)
         return super().training_step(model, batch)
 '''

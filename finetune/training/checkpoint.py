@@ -31,7 +31,8 @@ def save_checkpoint(accelerator, directory: Path, state: TrainerState, trainable
     tmp = temporary_path(final)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        remove(tmp)
+        for leftover in directory.glob(".step-*.tmp"):  # of this save, or of a process killed while it saved
+            remove(leftover)
     accelerator.wait_for_everyone()
     try:
         # The trained weights, optimizer, scheduler and RNG states of every process.

@@ -137,7 +137,8 @@ class Trainer:
         self.window = window = _LogWindow()
         last_eval = None  # the loop always evaluates its final state; the caller reuses that
         self._train_mode()
-        self._stop_if_signalled()  # a signal while the data and the model were prepared
+        STOP.training = True  # a signal from here on stops after a step, with a checkpoint (before: at once)
+        self._stop_if_signalled()
         for epoch in range(state.epoch, self.epochs):
             if self._finished():
                 break
@@ -178,7 +179,8 @@ class Trainer:
         self.bar.close()
         self.log.close()
         if last_eval is None:  # resumed after the last step: nothing was trained, evaluate once
-            last_eval = evaluate(acc, self.model, self.task, self.eval_dl, self.metrics)
+            with self._out_of_memory("evaluation"):
+                last_eval = evaluate(acc, self.model, self.task, self.eval_dl, self.metrics)
         return self._final(last_eval)
 
     def _checkpoint(self) -> None:
