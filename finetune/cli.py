@@ -97,6 +97,10 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
             if main_process:
                 click.echo(str(stopped), err=True)
             _leave(RESUMABLE)
+        except KeyboardInterrupt:
+            if not stopping.STOP.interrupted:  # a KeyboardInterrupt of some other origin
+                raise
+            _leave(RESUMABLE)  # stopped before training began, as the signal thread said
         late_signal = stopping.STOP.name
     if main_process:
         if late_signal:

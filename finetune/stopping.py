@@ -5,7 +5,8 @@ The first signal only raises a flag. The training loop reads it once per optimiz
 agreed over every process (`requested_everywhere`), writes a checkpoint after the current step
 and raises `Preempted`; `finetune run` then exits with `RESUMABLE` (75, sysexits' "temporary
 failure, try again"), and the same command line with `--resume auto` continues where it stopped.
-Before the first step there is nothing to save, and the process exits 75 at once.
+Before the first step there is nothing to save, and the process exits 75 at once (a single process
+through a KeyboardInterrupt in its main thread, so that `main([...])` in a notebook survives it).
 
 A second signal aborts at once, with status 128 + its number (a checkpoint being written stays a
 hidden temporary folder that resume ignores). The same signal often arrives twice within moments,
@@ -49,10 +50,17 @@ class _Stop:
         self.at = 0.0
         self.training = False  # the first step has begun: from here on a stop saves a checkpoint first
         self.saved = False  # the stop's checkpoint is complete: the process is leaving
+        self.interrupted = 0  # the signal that stopped a single process before training, in its main thread
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal else ""
+
+    def in_main_thread(self, signum: int, frame) -> None:
+        """The Python-level handler. The watcher thread decides; before training, a single process is stopped here."""
+        if not self.training and "LOCAL_RANK" not in os.environ:
+            self.interrupted = signum  # not self.signal: that is the watcher's, which may not have read it yet
+            raise KeyboardInterrupt
 
     def on_signal(self, signum: int, now: float) -> None:
         if not self.signal:
@@ -60,7 +68,10 @@ class _Stop:
             if not self.training:
                 _say(f"finetune: {self.name} received before training began: nothing to save, stopping now (exit "
                      f"{RESUMABLE}; --resume auto starts afresh).", _speaks())
-                os._exit(RESUMABLE)
+                if "LOCAL_RANK" in os.environ:  # one of several processes, which may wait in a barrier for long
+                    os._exit(RESUMABLE)
+                # One process, maybe a notebook's: `in_main_thread` raises KeyboardInterrupt, which `finetune run`
+                # turns into exit 75.
             _say(f"finetune: {self.name} received: stopping after the current step with a checkpoint (a second signal "
                  "aborts at once).", _speaks())
         elif now - self.at >= REPEAT_SECONDS and not self.saved:  # a repeat within the window: the same stop again
@@ -114,7 +125,7 @@ def stopping_gracefully(launcher: bool = False):
         return
     read, write = os.pipe()
     os.set_blocking(write, False)
-    previous = {sig: signal.signal(sig, _noted) for sig in SIGNALS}
+    previous = {sig: signal.signal(sig, _noted if launcher else STOP.in_main_thread) for sig in SIGNALS}
     previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     watcher = threading.Thread(target=_watch, args=(read, handler), name="finetune-signals", daemon=True)
     watcher.start()
@@ -133,7 +144,7 @@ def stopping_gracefully(launcher: bool = False):
 
 
 def _noted(signum: int, frame) -> None:
-    """The Python-level handler: the signal was written to the wakeup fd already, the watcher acts on it."""
+    """A launcher's Python-level handler: the signal was written to the wakeup fd already, the watcher acts on it."""
 
 
 def _watch(read: int, handler) -> None:
