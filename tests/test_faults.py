@@ -41,8 +41,8 @@ def checkpoints(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return testing.tiny_text_model(tmp_path_factory.mktemp("base"), "distilbert")
+def model(distilbert_dir) -> Path:
+    return distilbert_dir
 
 
 @pytest.fixture(scope="module")
