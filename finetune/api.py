@@ -125,6 +125,64 @@ class RunRecord:
         return self.root / "samples"
 
 
+@dataclass
+class PredictOptions:
+    """How `finetune predict` (and the check before a push) asks a task's predictor to predict."""
+
+    device: str = "cpu"
+    top_k: int = 1
+    """Classifiers: how many of the best classes each prediction lists."""
+    scores: bool = False
+    """Also return `scores`, the per-class scores eval_step returns (the logits), for ranking metrics."""
+    files_dir: Path | None = None
+    """Where a predictor that makes files (images) writes them; their names go in its results."""
+    seed: int = 0
+    """Generators: the seed of the first input without a `seed` of its own (the next get seed+1, ...)."""
+    steps: int | None = None
+    """Generators: denoising steps; None: the run's own sample settings."""
+    guidance: float | None = None
+    """Generators: classifier-free guidance scale; None: the run's own sample settings."""
+
+
+class BasePredictor:
+    """What `Task.predictor` returns: the run's artifact loaded the way its card's snippet loads it, and a
+    `predict` over inputs read one by one. Subclass it and give `column`, `read` and `predict`."""
+
+    column: ClassVar[str] = "text"
+    """The input column: command-line inputs become rows `{column: value}`, `--column C` renames a file's C to it."""
+
+    def read(self, row: dict) -> Any:
+        """One input row (`{column: value, ...}`, from the command line, an input file or the run's data) → what
+        `predict` takes. Raise ValueError saying what is wrong with it (an empty text, an unreadable image): the
+        core reports it with the input's line and skips it or stops, as the user asked."""
+        raise NotImplementedError
+
+    def predict(self, inputs: list) -> list[dict]:
+        """One JSON-able dict per input. `prediction` holds what the run's eval_step predicted for that input
+        (a class id, a list of tags): `finetune predict` is tested, and every push checked, against the run's
+        predictions.json. Add what a reader wants (`label`, `score`, `top_k`, the file made)."""
+        raise NotImplementedError
+
+    def reference(self, row: dict) -> Any:
+        """A labelled row's reference as eval_step's `references` hold it (a class id), for `finetune evaluate`;
+        a predictor without labels (a generator) keeps this default."""
+        raise NotImplementedError(f"{type(self).__name__} has no references: its task computes no metrics")
+
+    def references(self, run: RunRecord, limit: int) -> list[tuple[dict, Any]] | None:
+        """Up to `limit` (input row, the run's own prediction for it) pairs to check the reloaded artifact
+        against. Default None: the core takes the first rows of the run's test split (else eval) and
+        predictions.json. A generator returns its samples instead."""
+        return None
+
+    def agrees(self, expected: Any, predicted: Any) -> bool:
+        """Whether a `prediction` matches the run's own. Default: equal."""
+        return expected == predicted
+
+    def metric_options(self) -> dict:
+        """What the run's `Task.metric_options` gave its metrics (every class), for `finetune evaluate`."""
+        return {}
+
+
 class BaseTask:
     """The optional members of a task, with their defaults: inherit it, and override what you need."""
 
@@ -156,6 +214,12 @@ class BaseTask:
         from finetune.modules import enable_gradient_checkpointing
 
         return enable_gradient_checkpointing(model)
+
+    def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions) -> BasePredictor | None:
+        """The finished `run`'s `artifact` loaded for `finetune predict`, `finetune evaluate` and the check
+        before a push, the way this task's card snippet loads it (an adapter without merging). Build it from
+        the run directory alone, as `card` does. Default: None (the task does not predict)."""
+        return None
 
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None:
         """Generate from the trained `model` what a reader should see of it (a text-to-image model's images
@@ -242,6 +306,7 @@ class Task(Protocol):
     def count_items(self, batch: dict) -> torch.Tensor: ...
     def metric_options(self) -> dict: ...
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None: ...
+    def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions) -> BasePredictor | None: ...
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> list[str]: ...
 
 

@@ -77,6 +77,7 @@ def render_card(run: RunRecord, artifacts: list[Artifact]) -> str:
         sections=info.sections,
         data_sections=info.data_sections,
         results=summary["metrics"],
+        evaluations=card_evaluations(run.root),
         split_sizes=summary["split_sizes"],
         trainable_params=summary["parameters"]["trainable"],
         total_params=summary["parameters"]["total"],
@@ -108,6 +109,10 @@ def card_data(run: RunRecord, info: CardInfo, artifact: Artifact):
         for split, values in summary["metrics"].items()
         for name, value in values.items()
         if name != "loss"
+    ] + [  # `finetune evaluate --update-card`: scored later, on other data
+        EvalResult(task_type=info.pipeline_tag, metric_type=name, metric_value=value, **evaluation["dataset"])
+        for evaluation in card_evaluations(run.root)
+        for name, value in evaluation["metrics"].items()
     ]
     extra = {"base_model_relation": "adapter" if artifact.adapter else "finetune"} if base.get("hub_id") else {}
     return ModelCardData(
@@ -122,6 +127,14 @@ def card_data(run: RunRecord, info: CardInfo, artifact: Artifact):
         eval_results=eval_results or None,
         **extra,
     )
+
+
+def card_evaluations(run_root: Path) -> list[dict]:
+    """What `finetune evaluate --update-card` kept for the card: evaluations/NAME.json marked `in_card`, by name."""
+    import json
+
+    found = sorted(RunLayout(run_root).evaluations.glob("*.json"))
+    return [{**record, "name": p.stem} for p in found if (record := json.loads(p.read_text())).get("in_card")]
 
 
 def _dataset_fields(run: RunRecord, role: str) -> dict:

@@ -163,6 +163,88 @@ def push(run_dir, repo_id, revision, private, artifacts, include, message, dry_r
     _push(Path(run_dir), target, dry_run=dry_run)
 
 
+DEVICES = click.Choice(["auto", "cpu", "cuda", "mps"])
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("inputs", nargs=-1)
+@click.option("--input-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the inputs from a csv, jsonl or parquet file (one per row).")
+@click.option("--column", help="The input file's column that holds the inputs; default: the task's (text, image, prompt).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results here as JSON lines (default: print them). Generated images go into a folder "
+                   "named after it (out.jsonl: out/).")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classifiers: list the K best classes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="auto: a GPU when there is one.")
+@click.option("--merged", is_flag=True, help="Use the run's model-merged/ rather than its adapter.")
+@click.option("--skip-bad", is_flag=True, help="Leave out bad inputs (each is reported) rather than stop at the first.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Text to image: the first prompt's seed (then +1 ...).")
+@click.option("--steps", type=click.IntRange(min=1), help="Text to image: denoising steps; default: the run's sample steps.")
+@click.option("--guidance", type=float, help="Text to image: guidance scale; default: the run's.")
+@user_errors
+def predict(run_dir, inputs, input_file, column, output, top_k, batch_size, device, merged, skip_bad, seed, steps, guidance):
+    """Predict with RUN_DIR's model: texts, image files or folders, prompts (INPUTS), or --input-file."""
+    from finetune.api import PredictOptions
+    from finetune.predict import predict_command
+
+    if bool(inputs) == bool(input_file):
+        raise click.UsageError("give the inputs as arguments or with --input-file (one of the two)")
+    if column and not input_file:
+        raise click.UsageError("--column names a column of --input-file")
+    options = PredictOptions(device=_device(device), top_k=top_k, seed=seed, steps=steps, guidance=guidance)
+    records, skipped, files = predict_command(Path(run_dir), list(inputs), input_file, column, output, options,
+                                              merged=merged, batch_size=batch_size, skip_bad=skip_bad)
+    for message in skipped:
+        click.echo(f"skipped {message}", err=True)
+    if output is None:
+        import json
+
+        for record in records:
+            click.echo(json.dumps(record, ensure_ascii=False))
+    else:
+        click.echo(f"predictions: {output} ({len(records)} inputs{', ' + str(len(skipped)) + ' skipped' if skipped else ''})"
+                   + (f"; files in {files}" if files else ""), err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--data", required=True, help="Labelled data: a csv / jsonl / parquet file, a folder, or a Hub dataset id.")
+@click.option("--split", default="test", show_default=True, help="The split of --data to score (a file is this split).")
+@click.option("--name", help="Saved as RUN_DIR/evaluations/NAME.json; default: from --data and --split.")
+@click.option("--update-card", is_flag=True, help="Add the results to the card and its model-index.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--merged", is_flag=True, help="Score the run's model-merged/ rather than its adapter.")
+@click.option("--skip-bad", is_flag=True, help="Leave out bad rows (each is reported) rather than stop at the first.")
+@user_errors
+def evaluate(run_dir, data, split, name, update_card, batch_size, device, merged, skip_bad):
+    """Score RUN_DIR's model on new labelled data with the run's task and metrics."""
+    from finetune.evaluations import evaluate_run
+
+    path, metrics, skipped = evaluate_run(Path(run_dir), data, split=split, name=name, merged=merged, in_card=update_card,
+                                          batch_size=batch_size, device=_device(device), skip_bad=skip_bad)
+    for message in skipped:
+        click.echo(f"skipped {message}", err=True)
+    click.echo("  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    click.echo(f"evaluation: {path}")
+    if update_card:
+        from finetune.card import write_card
+
+        click.echo(f"card: {write_card(Path(run_dir))}")
+
+
+def _device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
@@ -224,8 +306,27 @@ def _push(run_dir: Path, target, dry_run: bool = False) -> None:
     if dry_run:
         click.echo(plan.describe())
         return
+    _check_round_trip(run_dir, target.artifacts)
     click.echo(f"Pushing {len(plan.files)} files to {target.repo_id} ({target.revision}) ...")
     click.echo(f"pushed: {push(plan)}")
+
+
+def _check_round_trip(run_dir: Path, artifacts: str) -> None:
+    """Before a push: each artifact, reloaded as its card says, predicts what the run predicted (finetune.predict)."""
+    from finetune.hub import PushError
+    from finetune.predict import artifact_of, check_round_trip
+    from finetune.rundir import read_run
+
+    run = read_run(run_dir)
+    chosen = {"adapter": [False], "merged": [True], "both": [True, False]}[artifacts]
+    click.echo("Checking that the model reloads as its card says ...", err=True)
+    problems, warnings = check_round_trip(run, [artifact_of(run, merged=merged) for merged in chosen])
+    for warning in warnings:
+        click.echo(f"warning: {warning} The push goes ahead unchecked.", err=True)
+    if problems:
+        raise PushError(f"the push was not sent: {'; '.join(problems)}. The saved model does not match the trained one "
+                        "(a file changed or missing, or a card snippet out of date): rerun the recipe, or write the "
+                        "merged copy again with `finetune export RUN --merged --overwrite`.")
 
 
 def _run_arguments(params: dict) -> list[str]:

@@ -157,10 +157,27 @@ def _short_run(recipe: dict, workdir: Path, method: str, method_cls, max_steps: 
         problems.append("no model-merged/ was written: Method.merge or Task.save(adapter=False) failed silently")
     if method == "feature-extraction" and summary.parameters["trainable"] >= summary.parameters["total"]:
         problems.append("every parameter was trained: TaskModel.head must name only the new modules")
+    finished = read_run(summary.run_dir)
     if run_usage:
-        finished = read_run(summary.run_dir)
         problems += _usage_problems(finished, local_artifacts(finished))
+    problems += _predictor_problems(finished, local_artifacts(finished))
     return summary, problems
+
+
+def _predictor_problems(run, artifacts) -> list[str]:
+    """A task with a `predictor` must predict what its own evaluation predicted, from each saved artifact."""
+    from finetune.api import BaseTask
+    from finetune.predict import check_round_trip
+
+    if plugins.load(plugins.TASKS, run.recipe.task.name).predictor is BaseTask.predictor:
+        return []  # optional: this task does not predict
+    if not any(saved["predictions"] for saved in run.predictions.values()):
+        return []  # nothing to compare with (named above)
+    try:
+        problems, warnings = check_round_trip(run, artifacts, limit=8)
+    except Exception as exc:
+        return [f"Task.predictor failed: {type(exc).__name__}: {exc}"]
+    return [f"Task.predictor: {p}" for p in [*problems, *warnings]]
 
 
 def _usage_problems(run, artifacts) -> list[str]:

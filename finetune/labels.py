@@ -76,3 +76,29 @@ def _ordered(values: set) -> list:
     if all(isinstance(v, str) and v.strip().lstrip("+-").isdigit() for v in values):
         return sorted(values, key=int)
     return sorted(str(v) for v in values)
+
+
+def ranked_predictions(logits, labels: list[str], *, top_k: int = 1, scores: bool = False) -> list[dict]:
+    """A classifier's predictor results from a batch of logits: the predicted class id (`prediction`, as
+    eval_step's argmax), its name and probability, the `top_k` best classes when more than one is asked for,
+    and the logits themselves with `scores` (what ranking metrics read)."""
+    probabilities = logits.float().softmax(dim=-1)
+    best = probabilities.topk(min(top_k, len(labels)), dim=-1)
+    results = []
+    for row, (values, ids) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+        prediction = int(logits[row].argmax())
+        result = {"prediction": prediction, "label": labels[prediction], "score": round(float(probabilities[row, prediction]), 6)}
+        if top_k > 1:
+            result["top_k"] = [{"label": labels[i], "score": round(v, 6)} for v, i in zip(values, ids)]
+        if scores:
+            result["scores"] = logits[row].float().tolist()
+        results.append(result)
+    return results
+
+
+def label_id(value, labels: list[str]) -> int:
+    """The class id of a label value from new labelled data, by name (as encode_labels names classes)."""
+    name = str(value)
+    if name not in labels:
+        raise ValueError(f"the label {name!r} is not one of the run's classes {labels}")
+    return labels.index(name)

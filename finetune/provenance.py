@@ -61,6 +61,7 @@ def describe_data(recipe: Recipe, splits, *, eval_carved: bool, task_facts: dict
     facts: dict = {
         "source": None if folder else data.path,  # a Hub dataset id, which the card links
         "eval_carved_from_train": eval_carved,
+        "recipe_dir": str(recipe.base_dir.resolve()),  # what relative data paths mean: predict / evaluate rebuild splits
     }
     if task_facts:
         facts["task"] = task_facts

@@ -8,6 +8,7 @@
       model-merged/      LoRA runs with output.merged: the adapter folded into the base model
       metrics.json       final metrics per split, trainable/total parameters, timings
       predictions.json   final predictions and references per split
+      evaluations/       `finetune evaluate`'s results on other data, NAME.json each
       README.md          the model card
       images/            the card's pictures (training curves, confusion matrix ...)
       samples/           what a generator made for the recipe's prompts (text-to-image), for the card
@@ -48,6 +49,7 @@ class RunLayout:
         self.card = root / "README.md"
         self.images = root / "images"
         self.samples = root / "samples"
+        self.evaluations = root / "evaluations"
 
     def resolve_resume(self, recipe_yaml: str, resume: bool | str, overwrite: bool) -> tuple[bool, bool]:
         """(resume, overwrite) for this start. `--resume auto` resumes when a complete checkpoint exists and
@@ -125,9 +127,12 @@ def read_run(root: Path):
             f"{layout.root} was made by an earlier finetune version: its metrics.json lacks the data and "
             "environment facts a card needs. Rerun the recipe (with --overwrite) to get a full card."
         )
+    recipe = load_recipe(layout.recipe, cross_check=False)
+    # Relative data and model paths meant the original recipe's folder, not the run directory's copy.
+    recipe._base_dir = Path(summary["data"].get("recipe_dir", recipe.base_dir))
     return RunRecord(
         root=layout.root.resolve(),
-        recipe=load_recipe(layout.recipe, cross_check=False),
+        recipe=recipe,
         summary=summary,
         predictions=json.loads(layout.predictions.read_text()),
         steps=read_steplog(layout.steplog) if layout.steplog.is_file() else [],

@@ -133,3 +133,34 @@ base = {auto_class}.from_pretrained(
 model = PeftModel.from_pretrained(base, {where})
 tokenizer = AutoTokenizer.from_pretrained({where})
 """
+
+
+def load_for_prediction(artifact: Artifact, auto_class: str, labels: list[str], device: str):
+    """`(model, tokenizer)` loaded as the card's snippet loads `artifact` (adapter_snippet for an adapter:
+    the base built with the run's labels, then the adapter, unmerged), in eval mode on `device`."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    where = {"subfolder": artifact.subfolder} if artifact.subfolder else {}
+    model_class = getattr(transformers, auto_class)
+    try:
+        if artifact.adapter:
+            from peft import PeftConfig, PeftModel
+
+            base_name = PeftConfig.from_pretrained(artifact.location, **where).base_model_name_or_path
+            id2label = dict(enumerate(labels))
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # its report of the new head: the adapter brings the trained one
+            try:
+                base = model_class.from_pretrained(base_name, num_labels=len(labels), id2label=id2label,
+                                                   label2id={v: k for k, v in id2label.items()})
+            finally:
+                transformers.logging.set_verbosity(verbosity)
+            model = PeftModel.from_pretrained(base, artifact.location, **where)
+        else:
+            model = model_class.from_pretrained(artifact.location, **where)
+        tokenizer = AutoTokenizer.from_pretrained(artifact.location, **where)
+    except Exception as exc:
+        raise FinetuneError(f"could not load the model in {artifact.location} as its card does "
+                            f"({type(exc).__name__}: {exc}); check that the folder is complete.") from None
+    return model.to(device).eval(), tokenizer

@@ -47,6 +47,16 @@ class BatchMeanEvalLoss(TextClassification):
         return {**super().eval_step(model, batch), "loss": model(**batch).loss}
 
 
+class SwappedPredictor(TextClassification):
+    methods = ("full",)
+
+    def predictor(self, run, artifact, options):
+        predictor = super().predictor(run, artifact, options)
+        predict = predictor.predict
+        predictor.predict = lambda inputs: [{**r, "prediction": 1 - r["prediction"]} for r in predict(inputs)]
+        return predictor
+
+
 class Half:
     Options = LooseOptions
 '''
@@ -63,6 +73,7 @@ def defective_site(tmp_path, monkeypatch):
             "silent-eval": "defective_pkg.tasks:SilentEval",
             "batch-mean-eval-loss": "defective_pkg.tasks:BatchMeanEvalLoss",
             "half": "defective_pkg.tasks:Half",
+            "swapped-predictor": "defective_pkg.tasks:SwappedPredictor",
         }},
         {"defective_pkg/__init__.py": "", "defective_pkg/tasks.py": DEFECTIVE},
     )
@@ -145,3 +156,9 @@ def test_a_broken_card_snippet_is_named(defective_site, distilbert_dir, sentimen
     assert problems[0] == ("with feature-extraction: the card's usage snippet for model/ fails: "
                            "ModuleNotFoundError: No module named 'no_such_module'")
     assert any(re.fullmatch(r"with lora: the card's usage snippet for model-merged/ fails: .*", p) for p in problems)
+
+
+def test_a_predictor_that_disagrees_with_the_runs_evaluation_is_named(defective_site, distilbert_dir, sentiment_dir, tmp_path):
+    (problem,) = problems_of("swapped-predictor", distilbert_dir, sentiment_dir, tmp_path)
+    assert re.fullmatch(r"with full: Task.predictor: \S+/runs/full/model, loaded the way its card says, predicts [01] for "
+                        r"the run's test example 0 where the run predicted [01]", problem), problem

@@ -359,3 +359,35 @@ def predict_with_peft(adapter_dir: Path, colors_dir: Path) -> list[int]:
     assert base_name.startswith("local-dir:")
     base = timm.create_model(base_name, pretrained=True, num_classes=len(LABELS))
     return predict(PeftModel.from_pretrained(base, adapter_dir), base, colors_dir)
+
+
+@pytest.mark.parametrize("kind, method", [("cnn", "lora"), ("vit", "full")])
+def test_predict_on_the_test_folder_gives_the_runs_own_predictions(finished_run, colors_dir, kind, method, tmp_path):
+    from finetune.predict import run_examples, task_of
+    from finetune.rundir import read_run
+
+    run = finished_run(kind, method)
+    out = tmp_path / "predictions.jsonl"
+    result = invoke("predict", run, colors_dir / "test", "-o", out)  # a folder: every image in it
+    assert result.exit_code == 0, result.output
+    predicted = {r["input"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(predicted) == 30
+
+    finished = read_run(run)
+    split, rows, expected = run_examples(finished, task_of(finished))  # the test split in the run's own order
+    assert split == "test" and len(rows) == 30
+    assert [predicted[row["image"]["path"]]["prediction"] for row in rows] == expected
+    assert all(r["label"] == LABELS[r["prediction"]] for r in predicted.values())
+
+
+def test_predict_names_an_unreadable_image_or_skips_it(finished_run, tmp_path):
+    run = finished_run("vit", "full")
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (24, 24), (200, 40, 40)).save(good)
+    bad.write_bytes(good.read_bytes()[:40])  # cut short
+    stopped = invoke("predict", run, good, bad)
+    assert stopped.exit_code == 1
+    assert "argument 2: the image cannot be read (" in stopped.output
+    skipped = invoke("predict", run, good, bad, "--skip-bad")
+    assert skipped.exit_code == 0, skipped.output
+    assert [json.loads(line)["input"] for line in skipped.stdout.splitlines() if line.startswith("{")] == [str(good)]

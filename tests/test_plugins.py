@@ -132,13 +132,14 @@ def test_a_plugin_that_inherits_no_base_class_gets_the_optional_defaults():
             self.options = options
 
     assert set(OPTIONAL["task"]) == {"data_facts", "count_items", "metric_options", "write_samples",
-                                     "enable_gradient_checkpointing"}
+                                     "enable_gradient_checkpointing", "predictor"}
     assert check_plugin(BareTask, "task") == []
     loaded = with_defaults(BareTask, "task")
     assert loaded.__name__ == "BareTask" and loaded.__module__ == __name__ and issubclass(loaded, (BareTask, BaseTask))
     task = loaded(None)
     assert task.count_items({"input_ids": torch.zeros(3, 5)}).tolist() == [1.0, 1.0, 1.0]
     assert task.data_facts() == {} and task.metric_options() == {} and task.write_samples(None, None) is None
+    assert task.predictor(None, None, None) is None  # the task does not predict
     assert task.enable_gradient_checkpointing(torch.nn.Linear(2, 2)) == []  # no ecosystem switch in a bare module
     assert with_defaults(TextClassification, "task") is TextClassification  # a subclass of the base stays itself
 

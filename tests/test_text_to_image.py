@@ -427,3 +427,26 @@ def test_the_core_freezes_what_the_task_marks_frozen_whatever_the_method():
     train_mode(model, frozen)  # as the training loop enters training mode
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["unet.weight", "unet.bias"]
     assert model.unet.training and not model.vae.training and not model.vae[1].training
+
+
+def test_predict_redraws_the_runs_samples_and_the_round_trip_agrees(lora_run, tmp_path):
+    from finetune.predict import artifact_of, check_round_trip
+    from finetune.rundir import read_run
+
+    samples = json.loads((lora_run / "samples" / "samples.json").read_text())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": e["prompt"], "seed": e["seed"]}) + "\n" for e in samples["images"]))
+    out = tmp_path / "drawn.jsonl"
+    result = CliRunner().invoke(main, ["predict", str(lora_run), "--input-file", str(prompts), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["seed"], r["steps"]) for r in records] == [(e["prompt"], e["seed"], 2) for e in samples["images"]]
+    for record, entry in zip(records, samples["images"]):
+        drawn = np.asarray(Image.open(tmp_path / "drawn" / record["prediction"]))
+        assert np.array_equal(drawn, np.asarray(Image.open(lora_run / "samples" / entry["file"])))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drawn", "drawn.jsonl", "prompts.jsonl"]
+
+    run = read_run(lora_run)
+    assert check_round_trip(run, [artifact_of(run)]) == ([], [])
+    no_file = CliRunner().invoke(main, ["predict", str(lora_run), "a red square"])
+    assert no_file.exit_code == 1 and "this task makes files: name where the results go with --output FILE.jsonl" in no_file.output

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import Artifact, BaseTask, CardInfo, RunRecord, TaskModel
+from finetune.api import Artifact, BasePredictor, BaseTask, CardInfo, PredictOptions, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import FinetuneError
 from finetune.images import ImageOptions, check_images, open_image, skipped_images_note
-from finetune.labels import encode_labels, label_facts
+from finetune.labels import encode_labels, label_facts, label_id, ranked_predictions
 from finetune.modules import is_within
 from finetune.reports import classification_limitations, classification_sections, label_table
 
@@ -190,6 +190,59 @@ class ImageClassification(BaseTask):
             data_sections=label_table(run),
             limitations=[*classification_limitations(run), *skipped_images_note(run)],
         )
+
+    def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions) -> ImagePredictor:
+        return ImagePredictor(run.task_facts["labels"], artifact, options)
+
+
+class ImagePredictor(BasePredictor):
+    """Image files (or the run's image column) → a class, through the model's own timm evaluation transform,
+    loaded as the card's snippet loads it."""
+
+    column = "image"
+
+    def __init__(self, labels: list[str], artifact: Artifact, options: PredictOptions):
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+
+        self.labels, self.options = labels, options
+        folder = Path(artifact.location) / (artifact.subfolder or "")
+        try:
+            if artifact.adapter:
+                from peft import PeftConfig, PeftModel
+
+                base = timm.create_model(PeftConfig.from_pretrained(str(folder)).base_model_name_or_path,
+                                         pretrained=True, num_classes=len(labels))
+                configured, self.model = base, PeftModel.from_pretrained(base, str(folder))
+            else:
+                configured = self.model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        except Exception as exc:
+            raise FinetuneError(f"could not load the model in {folder} as its card does ({type(exc).__name__}: {exc}); "
+                                "check that the folder is complete.") from None
+        self.model.to(options.device).eval()
+        self.transform = create_transform(**resolve_model_data_config(configured), is_training=False)
+
+    def read(self, row: dict):
+        value = row.get("image")
+        if isinstance(value, str):
+            value = {"path": value}
+        try:
+            return self.transform(open_image(value))
+        except Exception as exc:
+            raise ValueError(f"the image cannot be read ({type(exc).__name__}: {exc})") from None
+
+    def predict(self, inputs: list) -> list[dict]:
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(torch.stack(inputs).to(self.options.device))
+        return ranked_predictions(logits, self.labels, top_k=self.options.top_k, scores=self.options.scores)
+
+    def reference(self, row: dict) -> int:
+        return label_id(row.get("label"), self.labels)
+
+    def metric_options(self) -> dict:
+        return {"labels": list(range(len(self.labels)))}
 
 
 def timm_name(source: str, revision: str | None = None) -> str:

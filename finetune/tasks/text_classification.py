@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.api import Artifact, BasePredictor, CardInfo, PredictOptions, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import DataError
-from finetune.labels import encode_labels, label_facts
+from finetune.labels import encode_labels, label_facts, label_id, ranked_predictions
 from finetune.reports import classification_limitations, classification_sections, label_table
-from finetune.transformers_models import TransformersClassifier, adapter_snippet
+from finetune.transformers_models import TransformersClassifier, adapter_snippet, load_for_prediction
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -102,6 +102,47 @@ class TextClassification(TransformersClassifier):
             data_sections=label_table(run),
             limitations=classification_limitations(run),
         )
+
+    def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions) -> TextPredictor:
+        labels = run.task_facts["labels"]
+        model, tokenizer = load_for_prediction(artifact, self.auto_class, labels, options.device)
+        return TextPredictor(model, tokenizer, labels, run.recipe.task_options.max_length, options)
+
+
+class TextPredictor(BasePredictor):
+    """Texts (and text pairs: a `text_pair` column) → a class, truncated at the run's max_length as it trained."""
+
+    column = "text"
+
+    def __init__(self, model, tokenizer, labels: list[str], max_length: int, options: PredictOptions):
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.max_length, self.options = max_length, options
+
+    def read(self, row: dict) -> tuple[str, str | None]:
+        text, pair = row.get("text"), row.get("text_pair")
+        for name, value in (("text", text), ("text_pair", pair)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"the {name} is {type(value).__name__}, not a string")
+        if not text or not text.strip():
+            raise ValueError("the text is empty")
+        return text, pair
+
+    def predict(self, inputs: list[tuple[str, str | None]]) -> list[dict]:
+        import torch
+
+        texts, pairs = [t for t, _ in inputs], [p for _, p in inputs]
+        pairs = [p or "" for p in pairs] if any(p is not None for p in pairs) else None
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="pt").to(self.options.device)
+        with torch.no_grad():
+            logits = self.model(**encoded).logits
+        return ranked_predictions(logits, self.labels, top_k=self.options.top_k, scores=self.options.scores)
+
+    def reference(self, row: dict) -> int:
+        return label_id(row.get("label"), self.labels)
+
+    def metric_options(self) -> dict:
+        return {"labels": list(range(len(self.labels)))}
 
 
 def _usage(artifact: Artifact, labels: list[str]) -> str:

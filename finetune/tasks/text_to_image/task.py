@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.api import Artifact, BaseTask, CardInfo, RunRecord, TaskModel
+from finetune.api import Artifact, BaseTask, CardInfo, PredictOptions, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import DataError
 from finetune.images import check_images, skipped_images_note
@@ -134,6 +134,11 @@ class TextToImage(BaseTask):
         trained.text_encoder.to(trained.unet.dtype)
         return dict(unet=trained.unet, vae=trained.vae, text_encoder=trained.text_encoder,
                     tokenizer=self.pipeline.tokenizer, scheduler=self.pipeline.scheduler)
+
+    def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions):
+        from finetune.tasks.text_to_image.predict import ImagePredictor
+
+        return ImagePredictor(run, artifact, options)
 
     # -- card -----------------------------------------------------------------------------
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import Artifact, CardInfo, RunRecord, TaskModel
+from finetune.api import Artifact, BasePredictor, CardInfo, PredictOptions, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import DataError, FinetuneError
-from finetune.transformers_models import TransformersClassifier
+from finetune.transformers_models import TransformersClassifier, load_for_prediction
 from finetune_token_classification import card
 from finetune_token_classification.tags import check_scheme, encode_tags, entity_types, tag_names
 
@@ -156,6 +156,61 @@ class TokenClassification(TransformersClassifier):
             sections=card.sections(run),
             limitations=card.limitations(facts),
         )
+
+    def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions) -> Tagger:
+        tags = run.task_facts["tags"]
+        model, tokenizer = load_for_prediction(artifact, self.auto_class, tags, options.device)
+        return Tagger(model, tokenizer, tags, run.recipe.task_options.max_length, options)
+
+
+class Tagger(BasePredictor):
+    """A sentence (split on whitespace) or a `tokens` list of words → one tag per word, as eval_step tags them
+    (the first sub-word's), and the entities those tags spell. Words past max_length get no tag, as in the run."""
+
+    column = "text"
+
+    def __init__(self, model, tokenizer, tags: list[str], max_length: int, options: PredictOptions):
+        self.model, self.tokenizer, self.tags = model, tokenizer, tags
+        self.max_length, self.options = max_length, options
+
+    def read(self, row: dict) -> list[str]:
+        words = row.get("tokens", row.get("text"))
+        if isinstance(words, str):
+            words = words.split()
+        if not isinstance(words, list):
+            raise ValueError(f"the sentence is {type(words).__name__}, not a string or a list of words")
+        if not words or not all(isinstance(w, str) and w for w in words):
+            raise ValueError("the sentence has no words" if not words else "a word is empty or not a string")
+        return list(words)
+
+    def predict(self, inputs: list[list[str]]) -> list[dict]:
+        import torch
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        encoded = self._encode(inputs, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            predicted = self.model(**encoded.to(self.options.device)).logits.argmax(dim=-1).tolist()
+        results = []
+        for i, words in enumerate(inputs):
+            first = _first_subword_labels(encoded.word_ids(i), list(range(len(words))))
+            tags = [self.tags[p] for p, word in zip(predicted[i], first) if word != IGNORED]
+            entities = [{"type": kind, "text": " ".join(words[start:end + 1]), "start": start, "end": end + 1}
+                        for kind, start, end in get_entities(tags)]
+            results.append({"prediction": tags, "words": words[:len(tags)], "entities": entities})
+        return results
+
+    def reference(self, row: dict) -> list[str]:
+        words, tags = self.read(row), row.get("tags")
+        if not isinstance(tags, list) or len(tags) != len(words):
+            raise ValueError(f"the row needs one tag per word ({len(words)} words, tags {tags!r})")
+        unknown = sorted({str(t) for t in tags} - set(self.tags))
+        if unknown:
+            raise ValueError(f"the tags {unknown} are not among the run's {self.tags}")
+        scored = sum(w != IGNORED for w in _first_subword_labels(self._encode([words]).word_ids(0), list(range(len(words)))))
+        return [str(t) for t in tags[:scored]]  # the words max_length cuts are not scored, as in the run
+
+    def _encode(self, sentences: list[list[str]], **options):
+        return self.tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=self.max_length, **options)
 
 
 def _first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:

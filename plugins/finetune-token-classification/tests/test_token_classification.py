@@ -130,6 +130,34 @@ def test_saved_models_reload_and_tag_as_the_run_did(runs, conll_style_data):
     assert torch.allclose(tag(merged, tokenizer)[1], adapter_logits, atol=1e-5)
 
 
+def test_predict_and_evaluate_tag_as_the_run_did(runs, conll_style_data, tmp_path):
+    """`finetune predict` on the run's test file gives the run's own tags; `finetune evaluate` its test scores."""
+    from finetune_token_classification.task import Tagger
+
+    def finetune(*args):
+        out = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True, env=os.environ)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run_dir = runs["full"].run_dir  # the run that learnt to tag entities in its few steps (LoRA: see the conformance kit)
+    test_file = conll_style_data / "test.parquet"
+    finetune("predict", run_dir, "--input-file", test_file, "--column", "tokens", "-o", tmp_path / "tags.jsonl")
+    predicted = [json.loads(line) for line in (tmp_path / "tags.jsonl").read_text().splitlines()]
+    saved = json.loads((run_dir / "predictions.json").read_text())["test"]["predictions"]
+    assert [p["prediction"] for p in predicted] == saved
+    tagged = next(p for p in predicted if p["entities"])
+    first = tagged["entities"][0]
+    assert tagged["prediction"][first["start"]][:2] in ("B-", "I-")
+    assert first["text"] == " ".join(tagged["words"][first["start"]:first["end"]])
+    assert Tagger.read(None, {"text": " Angela  Merkel visited Paris "}) == ["Angela", "Merkel", "visited", "Paris"]
+    with pytest.raises(ValueError, match="the sentence has no words"):
+        Tagger.read(None, {"text": "   "})
+
+    finetune("evaluate", run_dir, "--data", test_file, "--name", "again")
+    evaluation = json.loads((run_dir / "evaluations" / "again.json").read_text())
+    expected = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test"]
+    assert evaluation["metrics"] == pytest.approx({k: v for k, v in expected.items() if k != "loss"}, abs=1e-12)
+
+
 def test_accumulation_weighs_words_not_sentences(conll_style_data, tmp_path):
     """Batch 4 × accumulation 2 equals batch 8 on a loss averaged over words: sentences differ in length,
     so each micro-batch counts by its scored words (count_items), also in the short last window."""
