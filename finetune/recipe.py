@@ -228,6 +228,21 @@ class TrackSection(Section):
                 raise ValueError(problem)
         return list(dict.fromkeys(names))
 
+    @field_validator("init")
+    @classmethod
+    def _no_secrets(cls, init: dict) -> dict:
+        from finetune.redaction import secret_setting
+
+        for tracker, options in init.items():
+            secret = next((key for key in options if secret_setting(str(key))), None)
+            if secret:
+                raise ValueError(
+                    f"'{tracker}.{secret}' would put a secret into the recipe, of which the run directory keeps a copy "
+                    f"(and a push publishes it). Remove it, and give it to {tracker} through its own login or environment "
+                    "variable (wandb login, WANDB_API_KEY, COMET_API_KEY, MLFLOW_TRACKING_TOKEN ...)."
+                )
+        return init
+
     @model_validator(mode="after")
     def _init_of_used_trackers(self) -> TrackSection:
         unused = sorted(set(self.init) - set(self.report_to))
