@@ -91,6 +91,7 @@ def _lost_peers(exc: BaseException) -> bool:
 
 def _run(recipe: Recipe, *, resume: bool | str, overwrite: bool) -> RunSummary:
     from finetune.storage import expected_bytes, space_warning, writing
+    from finetune.tracking import tracked
     from finetune.training.engine import check_shared_run_dir, is_sharded
     from finetune.training.loop import train
 
@@ -111,16 +112,20 @@ def _run(recipe: Recipe, *, resume: bool | str, overwrite: bool) -> RunSummary:
     r.accelerator.wait_for_everyone()
     check_shared_run_dir(r.accelerator, layout.root)
 
-    trained = train(r.accelerator, r.model, r.task, r.method, r.frozen, processed, recipe, r.metrics,
-                    layout.checkpoints, layout.steplog, resume)
-    final = _final_evaluations(r, trained, processed)
-    summary = _summary(r, trained, final)
-    # The last collective: under FSDP / ZeRO-3 the full weights are gathered onto the main process for saving.
-    gathered = r.accelerator.get_state_dict(trained.model) if is_sharded(r.accelerator) else None
+    with tracked(r.accelerator, recipe, layout, resume) as tracking:
+        trained = train(r.accelerator, r.model, r.task, r.method, r.frozen, processed, recipe, r.metrics,
+                        layout.checkpoints, layout.steplog, resume, tracking)
+        final = _final_evaluations(r, trained, processed)
+        summary = _summary(r, trained, final)
+        # The last collective: under FSDP / ZeRO-3 the full weights are gathered onto the main process for saving.
+        gathered = r.accelerator.get_state_dict(trained.model) if is_sharded(r.accelerator) else None
+        if r.accelerator.is_main_process:
+            with writing("the final model, metrics and card", layout.root, needed=expected["final_model"],
+                         checkpoints=layout.checkpoints):
+                _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary, gathered)
+            if tracking is not None:
+                tracking.log_outputs(summary["metrics"], trained.state.step)
     if r.accelerator.is_main_process:
-        with writing("the final model, metrics and card", layout.root, needed=expected["final_model"],
-                     checkpoints=layout.checkpoints):
-            _write_outputs(r, r.accelerator.unwrap_model(trained.model), final, summary, gathered)
         # The other processes keep their process group: tearing it down while this one still writes the outputs
         # can abort in gloo's teardown, and the launcher would then kill this process mid-save.
         r.accelerator.end_training()

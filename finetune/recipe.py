@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from finetune.errors import PluginError, RecipeError
 from finetune.recipe_errors import describe_validation_error, line_index
@@ -205,6 +205,53 @@ class HubSection(Section):
         return self
 
 
+class TrackSection(Section):
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers to log to, through accelerate: tensorboard, mlflow, wandb, "
+        "comet_ml, aim, clearml, dvclive, swanlab, trackio. Empty: no tracking, and no tracker is imported."
+    )
+    project: str | None = Field(None, description="Project (experiment) name in the trackers; default: the recipe's name.")
+    run_name: str | None = Field(None, description="This run's name in the trackers; default: the run directory's name.")
+    init: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Options per tracker, passed to its start (accelerate's init_kwargs), e.g. "
+        "{wandb: {entity: my-team, tags: [lora]}, mlflow: {tags: {team: nlp}}}."
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from finetune.tracking import unknown_tracker
+
+        for name in names:
+            problem = unknown_tracker(name)
+            if problem:
+                raise ValueError(problem)
+        return list(dict.fromkeys(names))
+
+    @field_validator("init")
+    @classmethod
+    def _no_secrets(cls, init: dict) -> dict:
+        from finetune.redaction import secret_setting
+
+        for tracker, options in init.items():
+            secret = next((key for key in options if secret_setting(str(key))), None)
+            if secret:
+                raise ValueError(
+                    f"'{tracker}.{secret}' would put a secret into the recipe, of which the run directory keeps a copy "
+                    f"(and a push publishes it). Remove it, and give it to {tracker} through its own login or environment "
+                    "variable (wandb login, WANDB_API_KEY, COMET_API_KEY, MLFLOW_TRACKING_TOKEN ...)."
+                )
+        return init
+
+    @model_validator(mode="after")
+    def _init_of_used_trackers(self) -> TrackSection:
+        unused = sorted(set(self.init) - set(self.report_to))
+        if unused:
+            raise ValueError(f"init has options for {', '.join(unused)}, which report_to does not name; "
+                             f"add {unused[0]} to track.report_to or remove track.init.{unused[0]}")
+        return self
+
+
 class Recipe(Section):
     name: str = Field(description="Name of the run and of the resulting model.")
     task: TaskSection
@@ -217,6 +264,7 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     card: CardSection = Field(default_factory=CardSection)
     hub: HubSection = Field(default_factory=HubSection)
+    track: TrackSection = Field(default_factory=TrackSection)
 
     # Where the recipe file lives (relative data and model paths are resolved against it), and
     # the plugins' validated options: set by load_recipe, never read from the file.
@@ -403,6 +451,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
                 f"hub.artifacts: '{recipe.hub.artifacts}' applies to adapter methods (lora); the method "
                 f"'{recipe.method.name}' saves a whole model. Remove hub.artifacts." + _at(lines, ("hub", "artifacts"))
             )
+    problems += _tracker_packages(recipe, lines)
     stop = recipe.eval.early_stopping
     metrics = recipe.eval.metrics or getattr(task_cls, "default_metrics", None)
     # finetune's own metrics report one result named as they are; the results of a plugin's
@@ -414,6 +463,14 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
             + _at(lines, ("eval", "early_stopping", "metric"))
         )
     return problems
+
+
+def _tracker_packages(recipe: Recipe, lines: dict) -> list[str]:
+    """Trackers whose package is missing: accelerate would silently log nothing to them."""
+    from finetune.tracking import missing_package
+
+    where = _at(lines, ("track", "report_to"))
+    return [f"track.report_to: {problem}{where}" for problem in map(missing_package, recipe.track.report_to) if problem]
 
 
 # Local file suffix → `datasets` builder.

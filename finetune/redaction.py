@@ -1,5 +1,6 @@
 """One place that keeps secrets out of what finetune shows or writes: every message from a server
-(the Hub, and later the experiment trackers) passes through `redact` before it reaches the user.
+(the Hub, the experiment trackers) passes through `redact` before it reaches the user, and the
+hyperparameters sent to a tracker leave out the settings `secret_setting` names.
 
 A server can quote the request back, headers included (a misconfigured proxy answering 500 with
 the request it received). What is replaced: the Hugging Face token from the environment and from
@@ -27,6 +28,9 @@ _PATTERNS = [
     re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in a URL (a proxy's)
 ]
 _MIN_LENGTH = 6  # shorter values (a KEY=1 flag) would mask ordinary words
+# A setting whose last word names a secret (hf_token, api_key, password), not one that merely contains
+# the word (max_tokens, tokenizer, keep_last).
+_SECRET_SETTING = re.compile(r"(^|[_.-])(token|secret|password|passwd|credentials?|api_?key|access_?key|private_?key)$", re.I)
 
 
 def secrets() -> list[str]:
@@ -67,6 +71,11 @@ def redacted_logs() -> Iterator[None]:
             yield
         finally:
             logging.setLogRecordFactory(make_record)
+
+
+def secret_setting(name: str) -> bool:
+    """Whether a setting named `name` (a recipe key, a tracker option) holds a secret by its name."""
+    return bool(_SECRET_SETTING.search(name))
 
 
 def _token_files() -> set[str]:

@@ -3,6 +3,8 @@
     runs/<name>/
       recipe.yaml        the resolved recipe (overrides applied, defaults filled in)
       logs/steps.jsonl   one JSON line per logged step and per evaluation
+      logs/tracking/     with track.report_to: TensorBoard's event files, W&B's local files
+      logs/trackers.json what continues each tracker's run on --resume (W&B and MLflow run ids)
       checkpoints/       step-N/ folders (model, optimizer, scheduler, RNG, data position)
       model/             the final model, in its ecosystem's format
       model-merged/      LoRA runs with output.merged: the adapter folded into the base model
@@ -41,6 +43,8 @@ class RunLayout:
         self.root = root
         self.recipe = root / "recipe.yaml"
         self.steplog = root / "logs" / "steps.jsonl"
+        self.tracking = root / "logs" / "tracking"
+        self.trackers = root / "logs" / "trackers.json"
         self.checkpoints = root / "checkpoints"
         self.model = root / "model"
         self.merged = root / "model-merged"

@@ -21,6 +21,9 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import InitProcessGroupKwargs
 
+    from finetune.rundir import RunLayout
+    from finetune.tracking import accelerator_arguments
+
     forced_cpu = os.environ.get("FINETUNE_CPU") == "1" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     # Several processes on a machine without an accelerator: accelerate would start each alone; gloo joins
     # them (as accelerate's CPU type, or under DeepSpeed, which accelerate's CPU type would switch off).
@@ -39,6 +42,7 @@ def make_accelerator(recipe: Recipe):
             cpu=cpu,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
             kwargs_handlers=[timeout],
+            **accelerator_arguments(recipe.track.report_to, RunLayout(recipe.run_dir).tracking),
         )
     except (ValueError, RuntimeError) as exc:
         if "already been initialized" in str(exc):

@@ -48,10 +48,10 @@ class TrainResult:
 
 
 def train(accelerator, model, task, method, frozen: list, splits, recipe: Recipe, metrics, checkpoints: Path, steplog: Path,
-          resume: bool) -> TrainResult:
+          resume: bool, tracking=None) -> TrainResult:
     """Train `model` in place on splits["train"], evaluating on splits["eval"]; the `frozen` modules
-    stay in eval mode throughout."""
-    trainer = Trainer(accelerator, model, task, method, frozen, splits, recipe, metrics, checkpoints, steplog)
+    stay in eval mode throughout. `tracking` (finetune.tracking) receives every step-log record."""
+    trainer = Trainer(accelerator, model, task, method, frozen, splits, recipe, metrics, checkpoints, steplog, tracking)
     if resume:
         trainer.restore()
     return trainer.run()
@@ -68,13 +68,13 @@ class _Update:
 
 class Trainer:
     def __init__(self, accelerator, model, task, method, frozen: list, splits, recipe: Recipe, metrics, checkpoints: Path,
-                 steplog: Path):
+                 steplog: Path, tracking=None):
         import torch
         from torch.utils.data import DataLoader
 
         self.accelerator, self.task, self.recipe, self.metrics = accelerator, task, recipe, metrics
         self.frozen = frozen
-        self.checkpoints, self.steplog = checkpoints, steplog
+        self.checkpoints, self.steplog, self.tracking = checkpoints, steplog, tracking
         t = recipe.train
         # Own generators keep data order out of the global RNG, so resuming mid-epoch replays the same dropout.
         self.train_examples = SeededExamples(splits["train"], t.seed)
@@ -132,7 +132,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         state, acc, t, ev, ck = self.state, self.accelerator, self.recipe.train, self.recipe.eval, self.recipe.checkpoint
-        self.log = StepLog(self.steplog, acc.is_main_process)
+        self.log = StepLog(self.steplog, acc.is_main_process, self.tracking)
         self.bar = tqdm(total=self.total_steps, initial=state.step, desc="Training", unit="step", disable=not acc.is_main_process)
         self.window = window = _LogWindow()
         last_eval = None  # the loop always evaluates its final state; the caller reuses that

@@ -1,4 +1,5 @@
-"""The step log: one JSON object per line, flushed as written, so a crash loses nothing logged."""
+"""The step log: one JSON object per line, flushed as written, so a crash loses nothing logged. It is also
+the one place that hands the records to the experiment trackers (finetune.tracking), so they log the same numbers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from finetune.files import write_text
 
 
 class StepLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, path: Path, enabled: bool, tracking=None):
+        self.enabled, self.tracking = enabled, tracking
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
@@ -19,6 +20,8 @@ class StepLog:
         if self.enabled:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if self.tracking is not None:
+                self.tracking.log_record(record)
 
     def close(self) -> None:
         if self.enabled:
