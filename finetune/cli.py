@@ -164,6 +164,22 @@ def push(run_dir, repo_id, revision, private, artifacts, include, message, dry_r
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--merged", is_flag=True, help="Adapter methods (LoRA): fold the adapter into its base, into RUN_DIR/model-merged/.")
+@click.option("--onnx", is_flag=True, help="Classifiers: RUN_DIR/onnx/model.onnx (merged for LoRA), checked against PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model-merged/ or onnx/.")
+@user_errors
+def export(run_dir, merged, onnx, overwrite):
+    """Export a finished run's model after the fact: the merged model, or ONNX (needs finetune[export])."""
+    from finetune.export import export as export_run
+
+    if not (merged or onnx):
+        raise click.UsageError("name what to export: --merged, --onnx, or both")
+    for line in export_run(Path(run_dir), merged=merged, onnx=onnx, overwrite=overwrite):
+        click.echo(line)
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @user_errors

@@ -83,7 +83,8 @@ def prepare_push(root: Path, target: PushTarget) -> PushPlan:
         if not layout.merged.is_dir():
             raise FinetuneError(
                 f"--artifacts {target.artifacts}: {layout.merged} is missing (the run was made without "
-                "output.merged). Push the adapter, or rerun with --set output.merged=true."
+                f"output.merged). Merge the adapter first: finetune export {shlex.quote(str(root))} --merged, "
+                "then push again (or push the adapter alone)."
             )
 
     # "both": the merged model at the root (transformers finds an adapter_config.json at a repo's

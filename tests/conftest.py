@@ -71,3 +71,18 @@ def recipe_file(tmp_path, pretrained_distilbert, sentiment_dir):
         return testing.write_recipe(tmp_path / f"{method}.yaml", recipe), run_dir
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, pretrained_distilbert, sentiment_dir) -> Path:
+    """A finished LoRA text-classification run with a merged copy, trained once per session (push, export)."""
+    from click.testing import CliRunner
+
+    from finetune.cli import main
+
+    work = tmp_path_factory.mktemp("lora-run")
+    recipe = testing.text_recipe(pretrained_distilbert, sentiment_dir, work / "run", "lora",
+                                 train={"epochs": 2}, output={"merged": True}, card={"license": "apache-2.0"})
+    result = CliRunner().invoke(main, ["run", str(testing.write_recipe(work / "lora.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    return work / "run"

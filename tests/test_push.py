@@ -47,17 +47,6 @@ def snapshot(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, pretrained_distilbert, sentiment_dir) -> Path:
-    """A finished LoRA run with a merged copy, trained once for this module."""
-    work = tmp_path_factory.mktemp("lora-run")
-    recipe = testing.text_recipe(pretrained_distilbert, sentiment_dir, work / "run", "lora",
-                                 train={"epochs": 2}, output={"merged": True}, card={"license": "apache-2.0"})
-    result = CliRunner().invoke(main, ["run", str(testing.write_recipe(work / "lora.yaml", recipe))])
-    assert result.exit_code == 0, result.output
-    return work / "run"
-
-
 def run_card_snippets(card_text: str, repo_files: dict[str, bytes], mirror: Path) -> None:
     """Run the pushed card's snippets against a local copy of what the commit holds."""
     for path, data in repo_files.items():
