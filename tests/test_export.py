@@ -71,7 +71,7 @@ def test_merged_export_is_what_the_run_writes_and_loads_without_peft(lora_run, s
 
 
 def test_onnx_export_of_a_lora_text_classifier_matches_pytorch(lora_run, sentiment_dir, tmp_path):
-    import onnxruntime
+    onnxruntime = pytest.importorskip("onnxruntime")  # the `export` extra
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run = unmerged_copy(lora_run, tmp_path / "run")
@@ -92,7 +92,7 @@ def test_onnx_export_of_a_lora_text_classifier_matches_pytorch(lora_run, sentime
 
 
 def test_image_classifier_lora_run_exports_merged_and_onnx(tmp_path):
-    import onnxruntime
+    onnxruntime = pytest.importorskip("onnxruntime")  # the `export` extra
     import timm
     from peft import PeftModel
     from PIL import Image
