@@ -234,14 +234,17 @@ def _target_from(hub):
 
 
 def _push(run_dir: Path, target, dry_run: bool = False) -> None:
-    from finetune.hub import prepare_push, push
+    from finetune.hub import prepare_push, preview_deleted, push
 
     plan = prepare_push(run_dir, target)
     if dry_run:
+        preview_deleted(plan)
         click.echo(plan.describe())
         return
     click.echo(f"Pushing {len(plan.files)} files to {target.repo_id} ({target.revision}) ...")
     click.echo(f"pushed: {push(plan)}")
+    if plan.deleted:
+        click.echo(f"deleted {len(plan.deleted)} files an earlier push put there: {', '.join(plan.deleted)}")
 
 
 def _run_arguments(params: dict) -> list[str]:
