@@ -97,6 +97,16 @@ class Artifact:
 
 
 @dataclass
+class ExportInputs:
+    """A batch the trained model takes, for exporting it to ONNX (`finetune export --onnx`)."""
+
+    tensors: dict[str, torch.Tensor]
+    """The model's inputs as keyword arguments of its `forward`, built as the task builds its eval batches."""
+    dynamic: dict[str, dict[int, str]]
+    """The dimensions that vary per input, named: {"input_ids": {0: "batch", 1: "sequence"}}."""
+
+
+@dataclass
 class RunRecord:
     """A finished run as its directory holds it: what a card is rendered from, without retraining."""
 
@@ -226,6 +236,21 @@ class BaseTask:
         for the recipe's prompts, with fixed seeds) into `directory` (the run's samples/), for the card.
         Called once, on the main process, after the final evaluation. Default: nothing."""
 
+    def load_saved(self, directory: Path, run: RunRecord, source: str, *, adapter: bool,
+                   dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """What `save` wrote into `directory` for the finished `run`, loaded back (by `finetune export`): a whole model,
+        or with `adapter` the method's trained model (a peft model around the base loaded from `source` in `dtype`, as
+        `build_model` loads it). Restores the task state that `save` needs (tokenizer, labels) from the run alone.
+        Default: refuses, so `finetune export` says that this task cannot."""
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError(f"the task plugin '{type(self).__name__}' cannot load its saved model back (it has no "
+                            "load_saved member), so `finetune export` cannot work on its runs.")
+
+    def export_inputs(self, model: torch.nn.Module) -> ExportInputs | None:
+        """A few inputs for the loaded `model` (from `load_saved`), for an ONNX export. Default: None, no ONNX export."""
+        return None
+
 
 class BaseMethod:
     """The optional members of a method, with their defaults: inherit it, and override what you need."""
@@ -308,6 +333,9 @@ class Task(Protocol):
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None: ...
     def predictor(self, run: RunRecord, artifact: Artifact, options: PredictOptions) -> BasePredictor | None: ...
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> list[str]: ...
+    def load_saved(self, directory: Path, run: RunRecord, source: str, *, adapter: bool,
+                   dtype: torch.dtype | None = None) -> torch.nn.Module: ...
+    def export_inputs(self, model: torch.nn.Module) -> ExportInputs | None: ...
 
 
 @runtime_checkable

@@ -246,6 +246,22 @@ def _device(choice: str) -> str:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--merged", is_flag=True, help="Adapter methods (LoRA): fold the adapter into its base, into RUN_DIR/model-merged/.")
+@click.option("--onnx", is_flag=True, help="Classifiers: RUN_DIR/onnx/model.onnx (merged for LoRA), checked against PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model-merged/ or onnx/.")
+@user_errors
+def export(run_dir, merged, onnx, overwrite):
+    """Export a finished run's model after the fact: the merged model, or ONNX (needs finetune[export])."""
+    from finetune.export import export as export_run
+
+    if not (merged or onnx):
+        raise click.UsageError("name what to export: --merged, --onnx, or both")
+    for line in export_run(Path(run_dir), merged=merged, onnx=onnx, overwrite=overwrite):
+        click.echo(line)
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @user_errors
@@ -300,15 +316,18 @@ def _target_from(hub):
 
 
 def _push(run_dir: Path, target, dry_run: bool = False) -> None:
-    from finetune.hub import prepare_push, push
+    from finetune.hub import prepare_push, preview_deleted, push
 
     plan = prepare_push(run_dir, target)
     if dry_run:
+        preview_deleted(plan)
         click.echo(plan.describe())
         return
     _check_round_trip(run_dir, target.artifacts)
     click.echo(f"Pushing {len(plan.files)} files to {target.repo_id} ({target.revision}) ...")
     click.echo(f"pushed: {push(plan)}")
+    if plan.deleted:
+        click.echo(f"deleted {len(plan.deleted)} files an earlier push put there: {', '.join(plan.deleted)}")
 
 
 def _check_round_trip(run_dir: Path, artifacts: str) -> None:

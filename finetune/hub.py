@@ -1,6 +1,11 @@
 """Pushing a finished run to the Hugging Face Hub: one commit with the model files, the card
 (rendered for the repo, so its snippet loads the repo) and the card's pictures.
 
+A push also writes MANIFEST into the repo: the files it put there. A later push to the same branch
+reads it and deletes, in its own commit, the files that earlier push put there and this one no
+longer holds (the adapter after a switch to `--artifacts merged`); a file no push of finetune put
+there (added by hand) is never deleted.
+
 The token is huggingface_hub's business (HF_TOKEN, or `hf auth login`): it is never read into
 a recipe, a log, a card or a message here. huggingface_hub retries its upload requests (preupload,
 LFS) itself; the requests it sends once (create the repo, the branch, the commit) are retried here
@@ -23,6 +28,7 @@ from finetune.redaction import redact, redacted_logs
 from finetune.rundir import RunLayout, read_run
 
 ATTEMPTS = 4
+MANIFEST = ".finetune/pushed.json"
 BACKOFF_ENV = "FINETUNE_PUSH_BACKOFF"  # seconds before the first retry (doubles each time); default 2
 
 
@@ -47,6 +53,10 @@ class PushPlan:
     files: dict[str, Path | bytes]
     """Path in the repo → a local file, or the bytes of the card rendered for the repo."""
     card_metadata: str
+    deleted: list[str] = field(default_factory=list)
+    """Files an earlier push put in the branch that this one drops: the commit deletes them (see `read_deleted`)."""
+    unread: str | None = None
+    """Why the repo's manifest could not be read, for a dry run (None: it was read, or there is none)."""
 
     def describe(self) -> str:
         t = self.target
@@ -56,6 +66,12 @@ class PushPlan:
             size = len(source) if isinstance(source, bytes) else source.stat().st_size
             origin = "card rendered for the repo" if isinstance(source, bytes) else str(source.relative_to(self.root))
             lines.append(f"  {path:<48} {_size(size):>9}  ← {origin}")
+        lines.append(f"  {MANIFEST:<48} {'':>9}  ← the list of these files, for the next push")
+        if self.unread:
+            lines += ["", f"Files an earlier push put there that this one would delete: unknown ({self.unread})."]
+        elif self.deleted:
+            lines += ["", f"Would delete {len(self.deleted)} files an earlier push put there that this one drops:"]
+            lines += [f"  {path}" for path in self.deleted]
         lines += ["", "Card metadata:", self.card_metadata.rstrip()]
         return "\n".join(lines)
 
@@ -83,7 +99,8 @@ def prepare_push(root: Path, target: PushTarget) -> PushPlan:
         if not layout.merged.is_dir():
             raise FinetuneError(
                 f"--artifacts {target.artifacts}: {layout.merged} is missing (the run was made without "
-                "output.merged). Push the adapter, or rerun with --set output.merged=true."
+                f"output.merged). Merge the adapter first: finetune export {shlex.quote(str(root))} --merged, "
+                "then push again (or push the adapter alone)."
             )
 
     # "both": the merged model at the root (transformers finds an adapter_config.json at a repo's
@@ -126,7 +143,7 @@ def _tree(folder: Path, prefix: str) -> dict[str, Path]:
 
 def push(plan: PushPlan) -> str:
     """Create the repo (and branch) if needed and make one commit; return the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 
     t = plan.target
     retry = f"Nothing was lost: {plan.root} is complete. Retry with: {retry_command(plan.root, t)}"
@@ -140,6 +157,8 @@ def push(plan: PushPlan) -> str:
 
     def commit():
         operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=source) for path, source in plan.files.items()]
+        operations.append(CommitOperationAdd(path_in_repo=MANIFEST, path_or_fileobj=_manifest(plan)))
+        operations += [CommitOperationDelete(path_in_repo=path, is_folder=False) for path in plan.deleted]
         return api.create_commit(t.repo_id, operations=operations, commit_message=message, revision=t.revision)
 
     with redacted_logs():  # huggingface_hub's warnings may quote a server's answer
@@ -147,12 +166,60 @@ def push(plan: PushPlan) -> str:
             _with_retries(lambda: api.create_repo(t.repo_id, private=t.private, exist_ok=True))
             if t.revision != "main":
                 _with_retries(lambda: api.create_branch(t.repo_id, branch=t.revision, exist_ok=True))
+            plan.deleted = _with_retries(lambda: read_deleted(api, plan))
             # huggingface_hub already retries the upload requests (preupload, LFS) with its own
             # backoff; only a failed commit request itself is worth repeating here.
             info = _with_retries(commit, only=lambda exc: "/commit/" in _url(exc))
         except Exception as exc:
             raise PushError(redact(f"pushing to {t.repo_id} failed: {_explain(exc, t.repo_id)} {retry}")) from None
     return info.commit_url
+
+
+def read_deleted(api, plan: PushPlan) -> list[str]:
+    """The files the branch's manifest lists (an earlier push put them there) that are still there and that `plan`
+    no longer holds: what this push deletes. Empty for a new repo or branch, or one finetune never pushed to."""
+    import json
+    import tempfile
+
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    t = plan.target
+    try:
+        present = {sibling.rfilename for sibling in api.repo_info(t.repo_id, revision=t.revision).siblings or []}
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return []
+    if MANIFEST not in present:
+        return []
+    with tempfile.TemporaryDirectory() as cache:  # a read of one small file: keep it out of the user's Hub cache
+        pushed = json.loads(Path(api.hf_hub_download(t.repo_id, MANIFEST, revision=t.revision, cache_dir=cache)).read_text())
+    return sorted(set(pushed["files"]) & present - set(plan.files))
+
+
+def preview_deleted(plan: PushPlan) -> None:
+    """For a dry run: read what the push would delete into `plan.deleted`, or why it cannot be known into
+    `plan.unread`. Reads the repo, changes nothing."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        plan.unread = "HF_HUB_OFFLINE is set, so the repo was not read"
+        return
+    token = get_token()
+    try:
+        with redacted_logs():
+            plan.deleted = read_deleted(HfApi(token=token), plan)
+    except Exception as exc:
+        plan.unread = redact(f"the repo could not be read: {_explain(exc, plan.target.repo_id)}")
+        return
+    if not token and not plan.deleted:
+        plan.unread = "without a token only a public repo can be read"
+
+
+def _manifest(plan: PushPlan) -> bytes:
+    import json
+
+    from finetune import __version__
+
+    return json.dumps({"finetune": __version__, "files": sorted(plan.files)}, indent=2).encode() + b"\n"
 
 
 def retry_command(root: Path, t: PushTarget) -> str:

@@ -283,6 +283,7 @@ def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | 
     """On the main process alone: the provenance facts, the model (and its merged copy), the samples,
     the predictions, metrics.json and the card. Each output is moved into place once complete."""
     from finetune.card import write_card
+    from finetune.export import save_merged
     from finetune.provenance import describe_base_model, describe_data, describe_environment
 
     recipe, layout, task, method = r.recipe, r.layout, r.task, r.method
@@ -293,9 +294,7 @@ def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | 
         task.save(model, tmp, adapter=method.produces_adapter, **({} if gathered is None else {"state_dict": gathered}))
     _write_samples(task, model, layout)  # after the save (a failure here loses no model), before any merge
     if recipe.writes_merged and method.produces_adapter:
-        # Merging changes `model` in place (peft's merge_and_unload): nothing may use the adapter model after this.
-        with atomic_path(layout.merged) as tmp:
-            task.save(method.merge(model), tmp, adapter=False)
+        save_merged(task, method, model, layout.merged)  # the last use of `model`: merging changes it in place
     write_json(layout.predictions, {s: {"predictions": e.predictions, "references": e.references} for s, e in final.items()})
     write_json(layout.metrics, summary)
     write_card(layout.root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, ClassVar
 
-from finetune.api import Artifact, BaseTask, TaskModel
+from finetune.api import Artifact, BaseTask, ExportInputs, RunRecord, TaskModel
 from finetune.errors import FinetuneError
 from finetune.modules import is_within
 
@@ -62,6 +62,25 @@ class TransformersClassifier(BaseTask):
     def save(self, model, directory: Path, *, adapter: bool, state_dict: dict | None = None) -> None:
         model.save_pretrained(directory, state_dict=state_dict)  # a PEFT adapter (with the head) or a full model
         self.tokenizer.save_pretrained(directory)
+
+    def load_saved(self, directory: Path, run: RunRecord, source: str, *, adapter: bool, dtype=None):
+        import transformers
+
+        auto_class = getattr(transformers, self.auto_class)
+        self.tokenizer = self.load_tokenizer(str(directory), None)  # save wrote it beside the model
+        if not adapter:
+            return auto_class.from_pretrained(directory, dtype=dtype or "auto")
+        from peft import PeftModel
+
+        # The base as the run built it: its head for the run's labels, replaced by the adapter's trained copy.
+        base = classifier_task_model(auto_class, source, run.recipe.model.revision, run.task_facts["labels"], dtype=dtype)
+        return PeftModel.from_pretrained(base.model, directory)
+
+    def export_inputs(self, model) -> ExportInputs:
+        # Two texts of different lengths, so the export sees padding and an attention mask that masks.
+        batch = self.tokenizer(["a short text", "a longer text, padded to the length of the longest in its batch"],
+                               padding=True, return_tensors="pt")
+        return ExportInputs(dict(batch), {name: {0: "batch", 1: "sequence"} for name in batch})
 
 
 def classifier_task_model(auto_class, source: str, revision: str | None, labels: list[str], *, dtype=None) -> TaskModel:

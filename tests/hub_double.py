@@ -1,8 +1,9 @@
 """A local HTTP test double of the Hugging Face Hub, so push tests run offline and can see every request.
 
 It serves, on 127.0.0.1, the endpoints `huggingface_hub.HfApi` uses to create a repo, a branch and a
-commit (preupload, the plain LFS batch/PUT/verify protocol, NDJSON commit), keeps the committed bytes
-per branch, and answers errors with the status, JSON body and `X-Error-Code`/`X-Error-Message` headers
+commit (preupload, the plain LFS batch/PUT/verify protocol, NDJSON commit with added and deleted files),
+to list a branch's files (`repo_info`) and to download one (`hf_hub_download`: HEAD, then GET of
+/<repo>/resolve/<rev>/<path>), keeps the committed bytes per branch, and answers errors with the status, JSON body and `X-Error-Code`/`X-Error-Message` headers
 the real Hub sends, so the client raises the same exception classes it would against the Hub.
 
 Clients must run with `HF_ENDPOINT=hub.url`, `HF_HUB_OFFLINE=0` and `HF_HUB_DISABLE_XET=1` (Xet uploads
@@ -122,6 +123,8 @@ class HubDouble:
             ("POST", re.compile(rf"/(?P<type>datasets/|spaces/)?{_REPO}\.git/info/lfs/objects/verify"),
              self._lfs_verify),
             ("PUT", re.compile(r"/lfs-upload/(?P<oid>[0-9a-f]{64})"), self._lfs_put),
+            *((verb, re.compile(rf"/(?P<type>datasets/|spaces/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
+               self._resolve) for verb in ("HEAD", "GET")),
         ]
 
     # ----- lifecycle -------------------------------------------------------------------------------
@@ -167,6 +170,15 @@ class HubDouble:
         with self._lock:
             self._failures.append([method.upper(), re.compile(path_regex), status, times, echo_headers])
 
+    def commit_files(self, repo_id: str, files: dict[str, bytes], revision: str = "main", message: str = "by hand") -> None:
+        """Commit `files` to a branch directly, as a user editing the repo outside finetune would."""
+        with self._lock:
+            repo = self.repos[repo_id]
+            repo.branches[revision] = {**repo.branches[revision], **files}
+            repo.heads[revision] = oid = self._new_oid(repo_id, revision, message)
+            self._snapshots[oid] = dict(repo.branches[revision])
+            repo.commits.append(Commit(revision, message, list(files), oid))
+
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """A copy of a branch's files: path -> bytes, exactly as committed."""
         with self._lock:
@@ -174,8 +186,8 @@ class HubDouble:
 
     # ----- dispatch --------------------------------------------------------------------------------
 
-    def _handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, dict]:
-        """Record, inject failures, check auth, route. Returns (status, JSON body, extra headers)."""
+    def _handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict | bytes, dict]:
+        """Record, inject failures, check auth, route. Returns (status, JSON body or a file's bytes, extra headers)."""
         path, _, query = raw_path.partition("?")
         record = Recorded(method, path, headers, body, query)
         with self._lock:
@@ -204,7 +216,8 @@ class HubDouble:
             if given != f"Bearer {self.token}" and not anonymous_ok:
                 return 401, {"error": INVALID_CREDENTIALS}, {"X-Error-Message": INVALID_CREDENTIALS}
             try:
-                return 200, handler(match.groupdict(), body, parse_qs(query)), {}
+                answer = handler(match.groupdict(), body, parse_qs(query))
+                return (200, *answer) if isinstance(answer, tuple) else (200, answer, {})  # (bytes, headers): a file
             except _HubError as err:
                 extra = {"X-Error-Message": err.message}
                 if err.code:
@@ -419,6 +432,17 @@ class HubDouble:
             answer["pullRequestUrl"] = pr_url
         return answer
 
+    def _resolve(self, groups, body, query) -> tuple[bytes, dict]:
+        """A file's bytes, with the headers `hf_hub_download` reads from its HEAD request (the commit, the etag)."""
+        repo_id, repo = self._repo(groups)
+        revision = unquote(groups["rev"])
+        files = self._branch(repo, revision)
+        path = unquote(groups["path"])
+        if path not in files:
+            raise _HubError(404, "Entry not found", "EntryNotFound")
+        data = files[path]
+        return data, {"X-Repo-Commit": self._head(repo_id, repo, revision), "ETag": f'"{_git_blob_oid(data)}"'}
+
     def _refs(self, groups, body, query) -> dict:
         repo_id, repo = self._repo(groups)
         branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": self._head(repo_id, repo, b)}
@@ -473,9 +497,10 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         headers = {name.lower(): value for name, value in self.headers.items()}
         status, payload, extra = self.hub._handle(self.command, self.path, headers, body)
-        data = json.dumps(payload).encode()
+        raw = isinstance(payload, bytes)
+        data = payload if raw else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra.items():
             self.send_header(name, value.encode("latin-1", "replace").decode("latin-1"))  # headers are latin-1

@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard
 
 from finetune import testing
 from finetune.cli import main
+from finetune.hub import MANIFEST
 from hub_double import HubDouble
 
 TOKEN = "hf_test_secret"
@@ -90,7 +91,8 @@ def test_push_makes_one_commit_with_model_card_and_images(lora_run, tmp_path):
     model = {f"adapter/{p.relative_to(lora_run / 'model')}": p for p in (lora_run / "model").rglob("*")
              if p.is_file() and p.name != "README.md"}
     images = {f"images/{p.name}": p for p in (lora_run / "images").iterdir()}
-    assert set(files) == {"README.md", *model, *merged, *images}
+    assert set(files) == {"README.md", MANIFEST, *model, *merged, *images}
+    assert sorted(__import__("json").loads(files[MANIFEST])["files"]) == sorted(set(files) - {MANIFEST})
     assert "adapter/adapter_model.safetensors" in files and "model.safetensors" in files
     for path, local in {**model, **merged, **images}.items():
         assert files[path] == local.read_bytes(), path
@@ -135,14 +137,38 @@ def test_repush_to_an_existing_repo_and_branch_with_logs(lora_run, tmp_path):
         assert_token_only_in_auth_header(hub, again.stdout, again.stderr)
 
 
-def test_dry_run_lists_files_and_metadata_and_sends_nothing(lora_run, tmp_path):
+def test_dry_run_lists_files_and_metadata_and_changes_nothing(lora_run, tmp_path):
     with HubDouble(token=TOKEN) as hub:
         result = finetune("push", lora_run, "--repo-id", REPO, "--dry-run", hub_url=hub.url, home=tmp_path, token=None)
         assert result.returncode == 0, result.stderr
-        assert hub.requests == []
+        assert {r.method for r in hub.requests} <= {"GET"} and hub.repos == {}  # it only tried to read the manifest
+    assert "that this one would delete: unknown (the repo could not be read" in result.stdout
     assert f"Would push 7 files to {REPO} (branch main, new repo: the account's default)" in result.stdout
     assert "adapter_model.safetensors" in result.stdout and "images/training-curves.png" in result.stdout
     assert "library_name: peft" in result.stdout and "model-index:" in result.stdout
+
+
+def test_repush_deletes_what_the_earlier_push_put_there_and_keeps_files_added_by_hand(lora_run, tmp_path):
+    with HubDouble(token=TOKEN) as hub:
+        assert finetune("push", lora_run, "--repo-id", REPO, hub_url=hub.url, home=tmp_path).returncode == 0
+        hub.commit_files(REPO, {"notes.md": b"written by hand", "eval/extra.json": b"{}"})
+        preview = finetune("push", lora_run, "--repo-id", REPO, "--artifacts", "merged", "--dry-run",
+                           hub_url=hub.url, home=tmp_path)
+        assert preview.returncode == 0, preview.stderr
+        assert len(hub.repos[REPO].commits) == 2  # the dry run read the repo, changed nothing
+        again = finetune("push", lora_run, "--repo-id", REPO, "--artifacts", "merged", hub_url=hub.url, home=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert hub.unmatched == []
+        files, commits = hub.files(REPO), hub.repos[REPO].commits
+
+    adapter_only = {"adapter_config.json", "adapter_model.safetensors"}  # the tokenizer files are in both artifacts
+    assert len(commits) == 3 and set(commits[-1].deleted) == adapter_only  # one commit adds and deletes
+    assert "Would delete 2 files an earlier push put there that this one drops:" in preview.stdout
+    assert all(f"  {path}" in preview.stdout for path in adapter_only)
+    assert f"deleted 2 files an earlier push put there: {', '.join(sorted(adapter_only))}" in again.stdout
+    assert not adapter_only & set(files) and files["model.safetensors"] == (lora_run / "model-merged/model.safetensors").read_bytes()
+    assert files["notes.md"] == b"written by hand" and files["eval/extra.json"] == b"{}"  # no push put them there
+    assert "notes.md" not in __import__("json").loads(files[MANIFEST])["files"]
 
 
 def test_refused_token_fails_clearly_and_loses_nothing(lora_run, tmp_path):

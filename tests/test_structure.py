@@ -12,7 +12,7 @@ from finetune.api import PUBLIC_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "finetune"
-CORE = ["finetune.pipeline", "finetune.card", "finetune.rundir", "finetune.training"]
+CORE = ["finetune.pipeline", "finetune.card", "finetune.rundir", "finetune.training", "finetune.export"]
 MAX_FUNCTION_LINES = 60
 
 

@@ -139,6 +139,17 @@ def assert_every_lora_layer_trained(weights: dict) -> None:
     assert ups and all(v.abs().sum() > 0 for v in ups.values()), [k for k, v in ups.items() if v.abs().sum() == 0]
 
 
+def test_export_merges_the_saved_lora_into_the_pipeline_the_run_merged(lora_run, tmp_path):
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    shutil.rmtree(run / "model-merged")
+    result = invoke("export", run, "--merged")
+    assert result.exit_code == 0, result.output
+    for part in ("unet", "text_encoder", "vae"):  # the same weights as the run's own merge, bit for bit
+        exported, written = (load_file(next((r / "model-merged" / part).glob("*.safetensors"))) for r in (run, lora_run))
+        assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in written), part
+    assert "--onnx: the task 'text-to-image' has no ONNX export" in invoke("export", run, "--onnx").output
+
+
 def test_lora_on_the_text_encoder_when_asked(sd_dir, captions_dir, tmp_path):
     recipe = testing.text_to_image_recipe(sd_dir, captions_dir, tmp_path / "run", "lora", output={"merged": True},
                                           train={"gradient_checkpointing": True})

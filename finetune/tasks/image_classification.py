@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.api import Artifact, BasePredictor, BaseTask, CardInfo, PredictOptions, RunRecord, TaskModel
+from finetune.api import Artifact, BasePredictor, BaseTask, CardInfo, ExportInputs, PredictOptions, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import FinetuneError
 from finetune.images import ImageOptions, check_images, open_image, skipped_images_note
@@ -177,6 +177,26 @@ class ImageClassification(BaseTask):
             whole.pretrained_cfg = model.pretrained_cfg
             model = whole
         save_for_hf(model, directory, model_config={"label_names": self.labels}, safe_serialization=True)
+
+    def load_saved(self, directory: Path, run: RunRecord, source: str, *, adapter: bool, dtype=None):
+        import timm
+
+        self.labels = run.task_facts["labels"]
+        if not adapter:
+            model = timm.create_model(f"local-dir:{directory}", pretrained=True)
+            return model.to(dtype) if dtype is not None else model
+        from peft import PeftModel
+
+        base = self.build_model(source, run.recipe.model.revision, dtype=dtype).model  # as the run built it
+        return PeftModel.from_pretrained(base, directory)
+
+    def export_inputs(self, model) -> ExportInputs:
+        import torch
+        from timm.data import resolve_model_data_config
+
+        size = resolve_model_data_config(model)["input_size"]  # what the eval transform makes
+        pixels = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        return ExportInputs({"x": pixels}, {"x": {0: "batch"}})  # timm's forward(x)
 
     def card(self, run: RunRecord, artifact: Artifact) -> CardInfo:
         labels = run.task_facts["labels"]

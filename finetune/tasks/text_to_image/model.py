@@ -141,3 +141,38 @@ def lora_layers(peft_model) -> dict[str, tuple[dict, dict]]:
         component, _, name = key.removeprefix("base_model.model.").partition(".")
         components.setdefault(component, {})[name] = value.detach().cpu().contiguous()
     return {component: (convert_state_dict_to_diffusers(state), metadata) for component, state in components.items()}
+
+
+def with_lora(model: DiffusionModel, directory, frozen: list[str]):
+    """A peft model around `model` holding the LoRA that `save` wrote into `directory` (diffusers' format, its
+    config in the file's metadata): what the lora method trained, back as a peft model, ready to merge. `frozen`:
+    the components that got no adapter, as in the run."""
+    import json
+    import re
+    from pathlib import Path
+
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights = Path(directory) / "pytorch_lora_weights.safetensors"
+    with safe_open(str(weights), "pt") as file:
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+    component = "unet" if any(k.startswith("unet.") for k in metadata) else "text_encoder"  # both hold the run's config
+    config = {k.partition(".")[2]: v for k, v in metadata.items() if k.startswith(component + ".")}
+    fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__ and k not in ("peft_type", "task_type")}
+    fields["exclude_modules"] = rf"({'|'.join(map(re.escape, frozen))})(\..*)?" if frozen else None
+    peft_model = get_peft_model(model, LoraConfig(**fields))
+    by_component: dict[str, dict] = {}
+    for key, value in load_file(weights).items():
+        name, _, rest = key.partition(".")
+        by_component.setdefault(name, {})[rest] = value
+    state = {}
+    for name, part in by_component.items():
+        converted = convert_unet_state_dict_to_peft(part) if name == "unet" else convert_state_dict_to_peft(part)
+        state.update({f"base_model.model.{name}.{k}": v for k, v in converted.items()})
+    loaded = set_peft_model_state_dict(peft_model, state)
+    if loaded.unexpected_keys:
+        raise ValueError(f"{weights} holds weights this model has no place for: {loaded.unexpected_keys[:3]}")
+    return peft_model

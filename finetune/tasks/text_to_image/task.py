@@ -124,6 +124,14 @@ class TextToImage(BaseTask):
             pipeline = StableDiffusionPipeline.from_pretrained(self.source, revision=self.revision, **parts)
             pipeline.save_pretrained(directory)
 
+    def load_saved(self, directory: Path, run: RunRecord, source: str, *, adapter: bool, dtype=None):
+        from finetune.tasks.text_to_image.model import with_lora
+
+        if not adapter:  # a whole pipeline: it is its own source for the frozen parts a save takes again
+            return self.build_model(str(directory), None, dtype=dtype).model
+        task_model = self.build_model(source, run.recipe.model.revision, dtype=dtype)
+        return with_lora(task_model.model, directory, task_model.frozen)
+
     def _components(self, model) -> dict:
         """The pipeline's components, with the trained UNet and text encoder of `model` in place."""
         from finetune.tasks.text_to_image.model import diffusion_model_of
