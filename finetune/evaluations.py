@@ -31,9 +31,8 @@ def evaluate_run(run_dir: Path, data: str, *, split: str, name: str | None, merg
         raise FinetuneError(f"--name '{name}': use letters, digits, '.', '-' and '_' (it names evaluations/NAME.json).")
     task = task_of(run)
     rows = labelled_rows(data, split, run.recipe.data.columns)
-    metrics = Metrics(run.recipe.eval.metrics or task.default_metrics)  # loaded first: a missing metric fails early
     predictor = open_predictor(run, artifact_of(run, merged=merged), PredictOptions(device=device, scores=True), task)
-    metrics = Metrics(metrics.names, predictor.metric_options())
+    metrics = Metrics(run.recipe.eval.metrics or task.default_metrics, predictor.metric_options())
 
     labelled, references, skipped = [], {}, []
     for row in rows:

@@ -218,6 +218,7 @@ def check_round_trip(run: RunRecord, artifacts: list[Artifact], *, device: str =
 
     task = task_of(run)
     problems, warnings = [], []
+    examples = None  # the run's examples, rebuilt once for every artifact
     for artifact in artifacts:
         with tempfile.TemporaryDirectory() as files:
             predictor = task.predictor(run, artifact, PredictOptions(device=device, files_dir=Path(files)))
@@ -226,10 +227,11 @@ def check_round_trip(run: RunRecord, artifacts: list[Artifact], *, device: str =
             pairs = predictor.references(run, limit)
             if pairs is None:
                 try:
-                    split, rows, expected = run_examples(run, task, limit)
+                    examples = examples or run_examples(run, task, limit)
                 except FinetuneError as exc:
                     warnings.append(f"{artifact.location} was not reloaded: the run's examples cannot be rebuilt ({exc}).")
                     continue
+                split, rows, expected = examples
                 pairs = [(InputRow(f"{split} example {i}", row), e) for i, (row, e) in enumerate(zip(rows, expected))]
             else:
                 pairs = [(InputRow(f"sample {i}", row), e) for i, (row, e) in enumerate(pairs)]

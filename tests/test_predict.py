@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
