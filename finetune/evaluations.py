@@ -68,6 +68,9 @@ def labelled_rows(data: str, split: str, renames: dict[str, str]) -> list[InputR
     from finetune.predict import _line_numbers
 
     path = Path(data)
+    if path.suffix.lower() in INPUT_FORMATS and not path.is_file():
+        raise FinetuneError(f"--data {data}: no such file. Give the path of a csv / jsonl / parquet file, a folder, "
+                            "or a Hub dataset id.")
     builder = INPUT_FORMATS.get(path.suffix.lower()) if path.is_file() else None
     try:
         if builder:

@@ -115,6 +115,9 @@ def test_evaluate_names_a_label_the_run_never_saw(lora_run, tmp_path):
     assert f"{data} line 3: the label 'neutral' is not one of the run's classes ['negative', 'positive']" in result.output
     assert not (lora_run / "evaluations").exists()
 
+    missing = invoke("evaluate", lora_run, "--data", tmp_path / "nope.csv")
+    assert missing.exit_code == 1 and f"--data {tmp_path / 'nope.csv'}: no such file." in missing.output
+
 
 def test_push_refuses_an_adapter_that_no_longer_predicts_what_the_run_did(lora_run, tmp_path, monkeypatch):
     run = shutil.copytree(lora_run, tmp_path / "run")
