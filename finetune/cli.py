@@ -167,7 +167,7 @@ DEVICES = click.Choice(["auto", "cpu", "cuda", "mps"])
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("source", metavar="RUN_DIR_OR_HUB_ID")
 @click.argument("inputs", nargs=-1)
 @click.option("--input-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Read the inputs from a csv, jsonl or parquet file (one per row).")
@@ -183,9 +183,12 @@ DEVICES = click.Choice(["auto", "cpu", "cuda", "mps"])
 @click.option("--seed", type=int, default=0, show_default=True, help="Text to image: the first prompt's seed (then +1 ...).")
 @click.option("--steps", type=click.IntRange(min=1), help="Text to image: denoising steps; default: the run's sample steps.")
 @click.option("--guidance", type=float, help="Text to image: guidance scale; default: the run's.")
+@click.option("--revision", help="A Hub repo's branch, tag or commit (default: main).")
 @user_errors
-def predict(run_dir, inputs, input_file, column, output, top_k, batch_size, device, merged, skip_bad, seed, steps, guidance):
-    """Predict with RUN_DIR's model: texts, image files or folders, prompts (INPUTS), or --input-file."""
+def predict(source, inputs, input_file, column, output, top_k, batch_size, device, merged, skip_bad, seed, steps, guidance,
+            revision):
+    """Predict with a run's model (its directory, or the Hub repo it was pushed to): texts, image files or
+    folders, prompts (INPUTS), or --input-file."""
     from finetune.api import PredictOptions
     from finetune.predict import predict_command
 
@@ -194,8 +197,8 @@ def predict(run_dir, inputs, input_file, column, output, top_k, batch_size, devi
     if column and not input_file:
         raise click.UsageError("--column names a column of --input-file")
     options = PredictOptions(device=_device(device), top_k=top_k, seed=seed, steps=steps, guidance=guidance)
-    records, skipped, files = predict_command(Path(run_dir), list(inputs), input_file, column, output, options,
-                                              merged=merged, batch_size=batch_size, skip_bad=skip_bad)
+    records, skipped, files = predict_command(source, list(inputs), input_file, column, output, options, merged=merged,
+                                              batch_size=batch_size, skip_bad=skip_bad, revision=revision)
     for message in skipped:
         click.echo(f"skipped {message}", err=True)
     if output is None:

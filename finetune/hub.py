@@ -1,5 +1,7 @@
 """Pushing a finished run to the Hugging Face Hub: one commit with the model files, the card
-(rendered for the repo, so its snippet loads the repo) and the card's pictures.
+(rendered for the repo, so its snippet loads the repo), the card's pictures, and the run's recipe and
+metrics.json under .finetune/ so that `finetune predict REPO_ID` can use the repo as it uses the run
+directory (`download_pushed`).
 
 A push also writes MANIFEST into the repo: the files it put there. A later push to the same branch
 reads it and deletes, in its own commit, the files that earlier push put there and this one no
@@ -29,6 +31,8 @@ from finetune.rundir import RunLayout, read_run
 
 ATTEMPTS = 4
 MANIFEST = ".finetune/pushed.json"
+RECIPE = ".finetune/recipe.yaml"  # the run's recipe copy and metrics.json: what `finetune predict REPO_ID` reads
+SUMMARY = ".finetune/metrics.json"
 BACKOFF_ENV = "FINETUNE_PUSH_BACKOFF"  # seconds before the first retry (doubles each time); default 2
 
 
@@ -53,6 +57,8 @@ class PushPlan:
     files: dict[str, Path | bytes]
     """Path in the repo → a local file, or the bytes of the card rendered for the repo."""
     card_metadata: str
+    artifacts: list[dict] = field(default_factory=list)
+    """Each artifact in the repo, {"subfolder": "" or "adapter", "adapter": bool, "files": [...]}, for `download_pushed`."""
     deleted: list[str] = field(default_factory=list)
     """Files an earlier push put in the branch that this one drops: the commit deletes them (see `read_deleted`)."""
     unread: str | None = None
@@ -107,25 +113,38 @@ def prepare_push(root: Path, target: PushTarget) -> PushPlan:
     # root even when asked for a subfolder, so the adapter goes in adapter/ instead).
     files: dict[str, Path | bytes] = {}
     if target.artifacts == "adapter":
-        files.update(_tree(layout.model, ""))
-        artifacts = [Artifact(target.repo_id, adapter=adapter)]
+        trees = [(Artifact(target.repo_id, adapter=adapter), _tree(layout.model, ""))]
     else:
-        files.update(_tree(layout.merged, ""))
-        artifacts = [Artifact(target.repo_id, adapter=False)]
+        trees = [(Artifact(target.repo_id, adapter=False), _tree(layout.merged, ""))]
         if target.artifacts == "both":
-            files.update(_tree(layout.model, "adapter/"))
-            artifacts.append(Artifact(target.repo_id, adapter=True, subfolder="adapter"))
+            trees.append((Artifact(target.repo_id, adapter=True, subfolder="adapter"), _tree(layout.model, "adapter/")))
+    for _, tree in trees:
+        files.update(tree)
+    artifacts = [artifact for artifact, _ in trees]
     card = render_card(run, artifacts)  # also (re)writes the pictures it embeds
     files["README.md"] = card.encode()
     files.update(_tree(layout.images, "images/"))
-    extra = {"logs": [layout.steplog.parent], "checkpoints": [layout.checkpoints],
+    files[RECIPE] = layout.recipe
+    files[SUMMARY] = layout.metrics
+    extra = {"logs": [layout.steplog, *_tensorboard_files(layout.tracking)], "checkpoints": [layout.checkpoints],
              "metrics": [layout.metrics, layout.predictions]}
     for name in target.include:
         for path in extra[name]:
-            files.update(_tree(path, f"{path.name}/") if path.is_dir() else {path.name: path} if path.is_file() else {})
+            repo_path = path.relative_to(run.root).as_posix()
+            files.update(_tree(path, f"{repo_path}/") if path.is_dir() else {repo_path: path} if path.is_file() else {})
     from huggingface_hub import ModelCard
 
-    return PushPlan(target, run.root, files, card_metadata=ModelCard(card).data.to_yaml())
+    where = [{"subfolder": a.subfolder or "", "adapter": a.adapter, "files": sorted(tree)} for a, tree in trees]
+    return PushPlan(target, run.root, files, artifacts=where, card_metadata=ModelCard(card).data.to_yaml())
+
+
+def _tensorboard_files(folder: Path) -> list[Path]:
+    """TensorBoard's event files and hyperparameters (the Hub shows them in its TensorBoard tab); the other
+    trackers' local files (W&B's run folder) stay behind."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and (p.name.startswith("events.out.tfevents.")
+                                                                   or p.name == "hparams.yml"))
 
 
 def _tree(folder: Path, prefix: str) -> dict[str, Path]:
@@ -219,7 +238,58 @@ def _manifest(plan: PushPlan) -> bytes:
 
     from finetune import __version__
 
-    return json.dumps({"finetune": __version__, "files": sorted(plan.files)}, indent=2).encode() + b"\n"
+    manifest = {"finetune": __version__, "files": sorted(plan.files), "artifacts": plan.artifacts}
+    return json.dumps(manifest, indent=2).encode() + b"\n"
+
+
+def download_pushed(repo_id: str, revision: str | None, *, merged: bool) -> tuple[Path, dict]:
+    """A repo that `finetune push` wrote, downloaded into the Hub cache with the artifact asked for (the adapter,
+    or with `merged` the merged model) and .finetune/: the snapshot's folder and that artifact's manifest entry."""
+    import json
+
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    with redacted_logs():
+        try:
+            manifest = json.loads(Path(hf_hub_download(repo_id, MANIFEST, revision=revision)).read_text())
+        except Exception as exc:
+            raise FinetuneError(redact(f"cannot read {MANIFEST} from the Hub repo {where}: {_explain_download(exc, repo_id)}")) from None
+        artifacts = manifest.get("artifacts")
+        if not artifacts or RECIPE not in manifest.get("files", []):
+            raise FinetuneError(f"{where} was pushed by an earlier finetune version: it holds no {RECIPE}. Use the "
+                                "card's snippet, or push the run again with this version.")
+        # As for a run directory: the adapter unless --merged; a repo of a merged model alone gives that.
+        preferred = [a for a in artifacts if a["adapter"] != merged]
+        artifact = preferred[0] if preferred else None if merged else artifacts[0]
+        if artifact is None:
+            raise FinetuneError(f"--merged: {where} holds the adapter alone (it was pushed without --artifacts merged "
+                                "or both). Leave out --merged, or push the run again with --artifacts both.")
+        files = [*artifact["files"], RECIPE, SUMMARY]
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=files))
+        except Exception as exc:
+            raise FinetuneError(redact(f"downloading {where} failed: {_explain_download(exc, repo_id)}")) from None
+    # When the Hub cannot list the repo, snapshot_download answers with whatever the cache holds, silently.
+    missing = [path for path in files if not (folder / path).is_file()]
+    if missing:
+        raise FinetuneError(f"downloading {where} failed: {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''} "
+                            "did not arrive (the Hub could not list the repo, or the files were deleted since the push). "
+                            "Retry, or predict with the run directory.")
+    return folder, artifact
+
+
+def _explain_download(exc: Exception, repo_id: str) -> str:
+    from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, RevisionNotFoundError):
+        return "the repo has no such revision. Check --revision."
+    if isinstance(exc, LocalEntryNotFoundError):
+        return ("the Hub cannot be reached and the file is not in the local cache (HF_HUB_OFFLINE may be set). "
+                "Connect, or predict with the run directory.")
+    if _status(exc) == 401:
+        return f"the Hub does not know {repo_id}, or it is private and needs a token (set HF_TOKEN or run `hf auth login`)."
+    return _explain(exc, repo_id)
 
 
 def retry_command(root: Path, t: PushTarget) -> str:

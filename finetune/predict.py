@@ -54,6 +54,35 @@ def artifact_of(run: RunRecord, *, merged: bool = False) -> Artifact:
     return Artifact(str(layout.merged), adapter=False)
 
 
+def run_and_artifact(source: str, *, revision: str | None = None, merged: bool = False) -> tuple[RunRecord, Artifact]:
+    """What `finetune predict SOURCE` uses: a run directory, or a Hub repo that `finetune push` wrote (downloaded
+    into the Hub cache; its .finetune/ holds the run's recipe and metrics.json)."""
+    if Path(source).exists():
+        if revision:
+            raise FinetuneError(f"--revision {revision}: {source} is a run directory; --revision is for a Hub repo id.")
+        run = read_run(Path(source))
+        return run, artifact_of(run, merged=merged)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+        namespaced = source.count("/") == 1
+    except HFValidationError:
+        namespaced = False
+    if not namespaced:
+        raise FinetuneError(f"{source} is neither a run directory nor a Hub repo id (user/name). Check the path.")
+    from finetune.api import Artifact, RunRecord
+    from finetune.hub import RECIPE, SUMMARY, download_pushed
+    from finetune.recipe import load_recipe
+
+    folder, where = download_pushed(source, revision, merged=merged)
+    summary = json.loads((folder / SUMMARY).read_text())
+    recipe = load_recipe(folder / RECIPE, cross_check=False)
+    recipe._base_dir = Path(summary["data"].get("recipe_dir", recipe.base_dir))
+    run = RunRecord(root=folder, recipe=recipe, summary=summary, predictions={}, steps=[])
+    return run, Artifact(str(folder / where["subfolder"]), adapter=where["adapter"])
+
+
 def open_predictor(run: RunRecord, artifact: Artifact, options: PredictOptions, task=None) -> BasePredictor:
     predictor = (task or task_of(run)).predictor(run, artifact, options)
     if predictor is None:
@@ -248,17 +277,17 @@ def check_round_trip(run: RunRecord, artifacts: list[Artifact], *, device: str =
 
 
 # -- the command --------------------------------------------------------------------------------
-def predict_command(run_dir: Path, values: list[str], input_file: Path | None, column: str | None,
+def predict_command(source: str, values: list[str], input_file: Path | None, column: str | None,
                     output: Path | None, options: PredictOptions, *, merged: bool, batch_size: int,
-                    skip_bad: bool) -> tuple[list[dict], list[str], Path | None]:
+                    skip_bad: bool, revision: str | None = None) -> tuple[list[dict], list[str], Path | None]:
     """`finetune predict`: the output records, the skipped inputs' messages and the folder of files made.
     Nothing is written until every input is predicted; then the output (and its folder) replace old ones at once."""
     import tempfile
 
     from finetune.files import commit, remove, temporary_path
 
-    run = read_run(run_dir)
-    predictor = open_predictor(run, artifact_of(run, merged=merged), options)
+    run, artifact = run_and_artifact(source, revision=revision, merged=merged)
+    predictor = open_predictor(run, artifact, options)
     rows = file_rows(input_file, column, predictor.column) if input_file else command_line_rows(values, predictor.column)
     files = output.with_suffix("") if output is not None else None
     made = temporary_path(files) if files is not None else Path(tempfile.mkdtemp()) / "files"

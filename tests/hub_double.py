@@ -117,6 +117,8 @@ class HubDouble:
             ("POST", re.compile(rf"/api/(?P<type>models|datasets|spaces)/{_REPO}/commit/(?P<rev>[^/]+)"),
              self._commit),
             ("GET", re.compile(rf"/api/(?P<type>models|datasets|spaces)/{_REPO}/refs"), self._refs),
+            ("GET", re.compile(rf"/api/(?P<type>models|datasets|spaces)/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?"),
+             self._tree),
             ("GET", re.compile(rf"/api/(?P<type>models|datasets|spaces)/{_REPO}(?:/revision/(?P<rev>[^/]+))?"),
              self._repo_info),
             ("POST", re.compile(rf"/(?P<type>datasets/|spaces/)?{_REPO}\.git/info/lfs/objects/batch"), self._lfs_batch),
@@ -436,12 +438,12 @@ class HubDouble:
         """A file's bytes, with the headers `hf_hub_download` reads from its HEAD request (the commit, the etag)."""
         repo_id, repo = self._repo(groups)
         revision = unquote(groups["rev"])
-        files = self._branch(repo, revision)
+        files, commit = self._files_at(repo_id, repo, revision)
         path = unquote(groups["path"])
         if path not in files:
             raise _HubError(404, "Entry not found", "EntryNotFound")
         data = files[path]
-        return data, {"X-Repo-Commit": self._head(repo_id, repo, revision), "ETag": f'"{_git_blob_oid(data)}"'}
+        return data, {"X-Repo-Commit": commit, "ETag": f'"{_git_blob_oid(data)}"'}
 
     def _refs(self, groups, body, query) -> dict:
         repo_id, repo = self._repo(groups)
@@ -450,6 +452,28 @@ class HubDouble:
         pulls = [{"name": b, "ref": b, "targetCommit": self._head(repo_id, repo, b)}
                  for b in repo.branches if b.startswith("refs/pr/")]
         return {"branches": branches, "converts": [], "tags": [], "pullRequests": pulls}
+
+    def _tree(self, groups, body, query) -> list:
+        """`list_repo_tree(recursive=True)`, which `snapshot_download` reads: every file under a path, one page."""
+        repo_id, repo = self._repo(groups)
+        files, _ = self._files_at(repo_id, repo, unquote(groups["rev"]))
+        under = unquote(groups.get("path") or "").strip("/")
+        entries = []
+        for path, data in sorted(files.items()):
+            if under and not path.startswith(under + "/"):
+                continue
+            entry = {"type": "file", "path": path, "size": len(data), "oid": _git_blob_oid(data)}
+            if _is_lfs(path, len(data)):
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        return entries
+
+    def _files_at(self, repo_id: str, repo: Repo, revision: str) -> tuple[dict[str, bytes], str]:
+        """What a read sees at a branch or at one of the repo's commits (snapshot_download reads at the commit
+        that repo_info named): the files and the commit."""
+        if any(commit.oid == revision for commit in repo.commits):
+            return self._snapshots[revision], revision
+        return self._branch(repo, revision), self._head(repo_id, repo, revision)
 
     def _repo_info(self, groups, body, query) -> dict:
         """Enough of `repo_info` for the client's own fallbacks (empty commit, exist_ok after a 403)."""

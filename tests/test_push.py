@@ -8,8 +8,10 @@ The CLI runs in a subprocess: huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLI
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from huggingface_hub import ModelCard
 
 from finetune import testing
 from finetune.cli import main
-from finetune.hub import MANIFEST
+from finetune.hub import MANIFEST, RECIPE, SUMMARY, PushTarget, prepare_push
 from hub_double import HubDouble
 
 TOKEN = "hf_test_secret"
@@ -91,12 +93,13 @@ def test_push_makes_one_commit_with_model_card_and_images(lora_run, tmp_path):
     model = {f"adapter/{p.relative_to(lora_run / 'model')}": p for p in (lora_run / "model").rglob("*")
              if p.is_file() and p.name != "README.md"}
     images = {f"images/{p.name}": p for p in (lora_run / "images").iterdir()}
-    assert set(files) == {"README.md", MANIFEST, *model, *merged, *images}
+    assert set(files) == {"README.md", MANIFEST, RECIPE, SUMMARY, *model, *merged, *images}
     assert sorted(__import__("json").loads(files[MANIFEST])["files"]) == sorted(set(files) - {MANIFEST})
     assert "adapter/adapter_model.safetensors" in files and "model.safetensors" in files
     for path, local in {**model, **merged, **images}.items():
         assert files[path] == local.read_bytes(), path
-    assert not any(p.startswith(("checkpoints/", "logs/")) or p.endswith("metrics.json") for p in files)
+    assert files[RECIPE] == (lora_run / "recipe.yaml").read_bytes() and files[SUMMARY] == (lora_run / "metrics.json").read_bytes()
+    assert not any(p.startswith(("checkpoints/", "logs/")) or p in ("metrics.json", "predictions.json") for p in files)
 
     # The card that arrived: Hub metadata and eval results, and snippets that load the repo.
     card_path = tmp_path / "pushed.md"
@@ -137,13 +140,51 @@ def test_repush_to_an_existing_repo_and_branch_with_logs(lora_run, tmp_path):
         assert_token_only_in_auth_header(hub, again.stdout, again.stderr)
 
 
+def test_include_logs_takes_the_step_log_and_tensorboard_files_but_not_other_trackers_files(lora_run, tmp_path):
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    tracking = run / "logs" / "tracking"
+    for path in ("tiny/events.out.tfevents.1.vm.1.0", "tiny/17.5/hparams.yml", "wandb/run-1/files/config.yaml"):
+        (tracking / path).parent.mkdir(parents=True, exist_ok=True)
+        (tracking / path).write_text("x")
+    (run / "logs" / "trackers.json").write_text("{}")
+    plan = prepare_push(run, PushTarget(REPO, include=["logs"]))
+    assert sorted(p for p in plan.files if p.startswith("logs/")) == [
+        "logs/steps.jsonl", "logs/tracking/tiny/17.5/hparams.yml", "logs/tracking/tiny/events.out.tfevents.1.vm.1.0"]
+
+
+def test_predict_from_the_hub_repo_gives_the_runs_own_predictions(lora_run, sentiment_dir, tmp_path):
+    """`finetune predict REPO_ID`: the adapter (default) and the merged model, downloaded from what a push wrote."""
+    expected = json.loads((lora_run / "predictions.json").read_text())["test"]["predictions"]
+    with HubDouble(token=TOKEN) as hub:
+        pushed = finetune("push", lora_run, "--repo-id", REPO, "--artifacts", "both", hub_url=hub.url, home=tmp_path)
+        assert pushed.returncode == 0, pushed.stderr
+        for artifact in ([], ["--merged"]):
+            out = tmp_path / f"out{len(artifact)}.jsonl"
+            result = finetune("predict", REPO, "--input-file", sentiment_dir / "test.jsonl", "-o", out, *artifact,
+                              hub_url=hub.url, home=tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert [json.loads(line)["prediction"] for line in out.read_text().splitlines()] == expected
+        downloaded = {p.name for p in (tmp_path / "hub").rglob("*") if p.is_file() and "snapshots" in p.parts}
+        assert "adapter_model.safetensors" in downloaded and "pushed.json" in downloaded
+        assert not any(name.endswith(".png") for name in downloaded)  # only the artifact asked for and .finetune/
+        missing = finetune("predict", "test-user/nothing-here", "good", hub_url=hub.url, home=tmp_path)
+        assert hub.unmatched == []
+        # The Hub cannot list the repo: snapshot_download falls back to the cache (here: the manifest alone).
+        hub.fail_next("GET", r"/tree/", 404)
+        unlisted = finetune("predict", REPO, "good", hub_url=hub.url, home=tmp_path / "fresh")
+    assert unlisted.returncode == 1 and "did not arrive (the Hub could not list the repo" in unlisted.stderr
+    assert missing.returncode == 1
+    assert "cannot read .finetune/pushed.json from the Hub repo test-user/nothing-here" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_dry_run_lists_files_and_metadata_and_changes_nothing(lora_run, tmp_path):
     with HubDouble(token=TOKEN) as hub:
         result = finetune("push", lora_run, "--repo-id", REPO, "--dry-run", hub_url=hub.url, home=tmp_path, token=None)
         assert result.returncode == 0, result.stderr
         assert {r.method for r in hub.requests} <= {"GET"} and hub.repos == {}  # it only tried to read the manifest
     assert "that this one would delete: unknown (the repo could not be read" in result.stdout
-    assert f"Would push 7 files to {REPO} (branch main, new repo: the account's default)" in result.stdout
+    assert f"Would push 9 files to {REPO} (branch main, new repo: the account's default)" in result.stdout
     assert "adapter_model.safetensors" in result.stdout and "images/training-curves.png" in result.stdout
     assert "library_name: peft" in result.stdout and "model-index:" in result.stdout
 
