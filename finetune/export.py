@@ -19,6 +19,7 @@ from finetune.files import atomic_path
 from finetune.rundir import RunLayout, read_run
 
 ONNX_DIR = "onnx"
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 ONNX_TOLERANCE = 1e-4
 """The largest difference allowed between onnxruntime's and PyTorch's outputs in float32 (kernels sum in other orders)."""
 EXPORT_EXTRA = "pip install 'finetune[export]'"
@@ -65,7 +66,7 @@ def export(root: Path, *, merged: bool, onnx: bool, overwrite: bool = False) -> 
     else:
         whole = method.merge(model)  # the same model for a whole-model method
     if onnx:
-        path, difference = _export_onnx(task, whole.eval(), layout.root / ONNX_DIR)
+        path, difference = _export_onnx(task, whole.eval(), layout.root / ONNX_DIR, preprocessing=layout.model)
         lines.append(f"onnx:   {path} (largest difference from PyTorch on the check inputs: {difference:.1e})")
     return lines
 
@@ -99,9 +100,13 @@ def _require_onnx_libraries() -> None:
                                 f"Install them with: {EXPORT_EXTRA}") from None
 
 
-def _export_onnx(task, model, folder: Path) -> tuple[Path, float]:
+def _export_onnx(task, model, folder: Path, preprocessing: Path) -> tuple[Path, float]:
     """Export `model` to `folder`/model.onnx on the task's example inputs, keeping it only when onnxruntime's
-    outputs match PyTorch's within ONNX_TOLERANCE; return the path and the largest difference."""
+    outputs match PyTorch's within ONNX_TOLERANCE; return the path and the largest difference. Beside it go the
+    saved model's files that are not weights (tokenizer, preprocessor) and the model's config with its labels,
+    so the folder is usable on its own (AutoTokenizer.from_pretrained(folder))."""
+    import shutil
+
     import torch
 
     inputs = task.export_inputs(model)
@@ -114,6 +119,11 @@ def _export_onnx(task, model, folder: Path) -> tuple[Path, float]:
             raise FinetuneError(f"--onnx: torch.onnx could not export {type(model).__name__} ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:300]}). Nothing was written; use the saved model as it is.") from None
         difference = onnx_difference(tmp / "model.onnx", model, inputs.tensors)
+        for file in sorted(preprocessing.iterdir()):
+            if file.is_file() and file.suffix not in WEIGHT_SUFFIXES and file.name not in ("adapter_config.json", "README.md"):
+                shutil.copy2(file, tmp / file.name)
+        if hasattr(getattr(model, "config", None), "save_pretrained"):  # a transformers model: its labels
+            model.config.save_pretrained(tmp)
         if not difference <= ONNX_TOLERANCE:
             raise FinetuneError(f"--onnx: the exported model's outputs differ from PyTorch's by up to {difference:.2e} "
                                 f"(more than {ONNX_TOLERANCE:g}), so it was not kept. Use the saved model as it is.")

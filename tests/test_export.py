@@ -72,7 +72,7 @@ def test_merged_export_is_what_the_run_writes_and_loads_without_peft(lora_run, s
 
 def test_onnx_export_of_a_lora_text_classifier_matches_pytorch(lora_run, sentiment_dir, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")  # the `export` extra
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     run = unmerged_copy(lora_run, tmp_path / "run")
     result = invoke("export", run, "--onnx")
@@ -82,7 +82,10 @@ def test_onnx_export_of_a_lora_text_classifier_matches_pytorch(lora_run, sentime
 
     # The run's test texts, a batch of another size and length than the export's.
     texts = [row["text"] for row in map(json.loads, (sentiment_dir / "test.jsonl").read_text().splitlines()[:7])]
-    batch = AutoTokenizer.from_pretrained(lora_run / "model").__call__(texts, padding=True, return_tensors="pt")
+    # onnx/ is usable alone: the tokenizer and the config with the run's labels sit beside the graph.
+    assert sorted(p.name for p in (run / "onnx").iterdir() if p.suffix == ".safetensors") == []
+    assert AutoConfig.from_pretrained(run / "onnx").id2label == {0: "negative", 1: "positive"}
+    batch = AutoTokenizer.from_pretrained(run / "onnx").__call__(texts, padding=True, return_tensors="pt")
     session = onnxruntime.InferenceSession(str(run / "onnx/model.onnx"))
     exported = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
     with torch.no_grad():
