@@ -276,6 +276,29 @@ def validate(recipe, overrides):
     click.echo(f"{recipe}: valid ({loaded.task.name} with {loaded.method.name}, writes to {loaded.run_dir})")
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def check(recipe, overrides, as_json):
+    """Everything that can fail, before anything trains: the data, leaks between splits, memory per method,
+    adapters that would train nothing, the Hub token. Exit 0: clean; 1: errors; 4: warnings only."""
+    from finetune.checks import run_checks
+    from finetune.recipe import load_recipe
+
+    report = run_checks(load_recipe(recipe, overrides), recipe_name=recipe)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        report.render(Console(soft_wrap=True))
+    sys.exit(report.exit_code)
+
+
 @main.command(name="plugins")
 def list_plugins():
     """List installed task and method plugins, and any that failed to load."""

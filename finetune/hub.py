@@ -292,6 +292,56 @@ def _explain_download(exc: Exception, repo_id: str) -> str:
     return _explain(exc, repo_id)
 
 
+@dataclass
+class TokenAccess:
+    """What `finetune check` learns about the push before training: whose token, and whether it may write."""
+
+    user: str | None = None
+    role: str | None = None
+    """read, write, or fineGrained (scoped permissions)."""
+    can_write: bool = False
+    problem: str | None = None
+    level: str = "error"
+    """How bad `problem` is: an error (the push will fail), or a warning (it could not be checked)."""
+
+
+def token_access(repo_id: str) -> TokenAccess:
+    """Ask the Hub who the token belongs to and whether it may write to `repo_id`'s namespace (or the repo)."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return TokenAccess(problem="HF_HUB_OFFLINE is set, so the token and its write access were not checked; "
+                                   "the push at the end of the run will fail unless it is unset.", level="warning")
+    token = get_token()
+    if not token:
+        return TokenAccess(problem="hub.push is on but there is no Hugging Face token: set HF_TOKEN or run "
+                                   "`hf auth login` with a write token before the run, or the push will fail after training.")
+    try:
+        with redacted_logs():
+            info = HfApi(token=token).whoami()
+    except Exception as exc:
+        level = "error" if _status(exc) in (401, 403) else "warning"
+        return TokenAccess(problem=redact(f"the Hub could not check the token: {_explain(exc, repo_id)}"), level=level)
+    access = info.get("auth", {}).get("accessToken", {})
+    namespace = repo_id.split("/")[0]
+    role = access.get("role")
+    mine = {info.get("name"), *(org.get("name") for org in info.get("orgs", []))}
+    if role == "fineGrained":
+        scopes = access.get("fineGrained", {}).get("scoped", [])
+        can_write = any(scope.get("entity", {}).get("name") in (namespace, repo_id)
+                        and "repo.write" in scope.get("permissions", []) for scope in scopes)
+    else:
+        can_write = role == "write" and namespace in mine
+    result = TokenAccess(user=info.get("name"), role=role, can_write=can_write)
+    if not can_write:
+        why = ("the token is read-only" if role == "read" else
+               f"the account {info.get('name')} is neither {namespace} nor a member of it" if namespace not in mine
+               else f"its fine-grained permissions do not include repo.write on {namespace}")
+        result.problem = (f"hub.repo_id: the token cannot write to {repo_id} ({why}). Use a token with write access "
+                          "to that namespace, or push to your own (hub.repo_id: YOUR_NAME/...).")
+    return result
+
+
 def retry_command(root: Path, t: PushTarget) -> str:
     """The command that repeats this push exactly (visibility included: a retry must not make a private model public)."""
     command = f"finetune push {shlex.quote(str(root))} --repo-id {t.repo_id}"
