@@ -32,7 +32,8 @@ CHECKS = [
     "finetune.estimate:memory_check",
     "finetune.checks:hub_check",
 ]
-FAST_CHECKS = ["finetune.leakage:leakage_check", "finetune.estimate:adapter_check", "finetune.checks:hub_check"]
+FAST_CHECKS = ["finetune.estimate:adapter_check", "finetune.checks:hub_check"]
+"""What `finetune run` checks before it starts: seconds, no data pass (the run audits leakage itself, data.deduplicate)."""
 
 
 @dataclass

@@ -74,6 +74,8 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
         if int(os.environ.get("RANK", "0")) == 0:
             click.echo(f"{loaded.run_dir} holds this recipe's finished run: --resume auto has nothing to do.")
         return
+    if LAUNCHED_ENV not in os.environ and node_rank == 0:
+        _preflight(loaded)  # once, where the run is started, before anything is written
     if cpu:
         os.environ[FORCE_CPU_ENV] = "1"  # read by finetune.training.engine, here and in the launched processes
     launch = Launch(processes, accelerate_config, nnodes, node_rank, rdzv_endpoint, cpu)
@@ -110,6 +112,21 @@ def run(recipe, overrides, resume, overwrite, processes, accelerate_config, nnod
             _push_after_run(loaded)
     if "LOCAL_RANK" in os.environ:
         _leave(0)
+
+
+def _preflight(recipe) -> None:
+    """The fast checks of `finetune check` (finetune.checks.FAST_CHECKS): an error stops the run before a model is
+    loaded or the run directory written, a warning is printed. The leakage audit is the run's own (data.deduplicate)."""
+    from finetune.checks import FAST_CHECKS, run_checks
+
+    findings = run_checks(recipe, FAST_CHECKS).findings
+    for finding in findings:
+        if finding.level == "warning":
+            click.echo(f"warning: {finding.message}", err=True)
+    errors = [finding.message for finding in findings if finding.level == "error"]
+    if errors:
+        raise FinetuneError("the run was not started (`finetune check RECIPE` shows the whole report):\n"
+                            + "\n".join(f"- {message}" for message in errors))
 
 
 def _leave(status: int) -> None:

@@ -91,9 +91,11 @@ class HubDouble:
     State tests can read (and seed): `requests`, `repos`, `lfs` (oid -> bytes uploaded through LFS),
     `unmatched` (requests no route served). `fail_next` injects errors."""
 
-    def __init__(self, token: str = "hf_test_secret", user: str = "test-user"):
+    def __init__(self, token: str = "hf_test_secret", user: str = "test-user", role: str = "write",
+                 scoped: list[dict] | None = None):
         self.token = token
         self.user = user  # namespace for repo ids given without one, and the whoami name
+        self.role, self.scoped = role, scoped or []  # what whoami says the token may do: read, write, fineGrained
         self.url = ""
         self.requests: list[Recorded] = []
         self.unmatched: list[Recorded] = []
@@ -270,8 +272,11 @@ class HubDouble:
     # ----- routes ----------------------------------------------------------------------------------
 
     def _whoami(self, groups, body, query) -> dict:
-        return {"type": "user", "name": self.user, "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}}
+        access = {"displayName": "test", "role": self.role}
+        if self.role == "fineGrained":
+            access["fineGrained"] = {"canReadGatedRepos": False, "global": [], "scoped": self.scoped}
+        return {"type": "user", "name": self.user, "orgs": [{"name": "test-org"}],
+                "auth": {"type": "access_token", "accessToken": access}}
 
     def _create_repo(self, groups, body, query) -> dict:
         """`create_repo` sends name, organization (None for the user's namespace), type, visibility."""
