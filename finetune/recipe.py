@@ -452,6 +452,10 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
                 f"'{recipe.method.name}' saves a whole model. Remove hub.artifacts." + _at(lines, ("hub", "artifacts"))
             )
     problems += _tracker_packages(recipe, lines)
+    if task_cls is not None and not problems:  # the model is built from its config only when the rest holds
+        from finetune.estimate import validate_adapters
+
+        problems += [problem + _at(lines, ("method", "options")) for problem in validate_adapters(recipe)]
     stop = recipe.eval.early_stopping
     metrics = recipe.eval.metrics or getattr(task_cls, "default_metrics", None)
     # finetune's own metrics report one result named as they are; the results of a plugin's
