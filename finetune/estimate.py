@@ -12,7 +12,11 @@ The memory estimate, per process, in bytes (the README shows it):
                    batch of train.batch_size examples at the longest input (text: max_length tokens, no padding
                    mask; images: the model's input size), counted on the meta device (each storage once,
                    weights excluded): exactly what the architecture and the method keep, not a rule of thumb
-    total        = weights + gradients + optimizer + activations
+    total        = weights + optimizer + max(gradients, activations)       with train.grad_accum_steps 1
+                 = weights + optimizer + gradients + activations            with accumulation
+                   (the backward pass frees each layer's saved tensors as it writes that layer's gradients, and
+                   zero_grad frees the gradients after the step; accumulated gradients stay through the next
+                   micro-batch's forward, beside its activations)
 
 The weights figure is accelerate's `calculate_maximum_sizes` (what `accelerate estimate-memory` reports) of the
 same skeleton when everything is float32; the section shows both, and accelerate's own training figure
@@ -225,10 +229,12 @@ def estimate(context: CheckContext, method_name: str) -> dict:
     else:
         method_cls = plugins.load(plugins.METHODS, method_name)
         method = method_cls(method_cls.Options())
-    return estimate_prepared(skeleton, method, recipe.train.batch_size, _DTYPE_BYTES[recipe.model.dtype])
+    return estimate_prepared(skeleton, method, recipe.train.batch_size, _DTYPE_BYTES[recipe.model.dtype],
+                             accumulating=recipe.train.grad_accum_steps > 1)
 
 
-def estimate_prepared(skeleton: TaskModel, method, batch_size: int, frozen_bytes: int = 4) -> dict:
+def estimate_prepared(skeleton: TaskModel, method, batch_size: int, frozen_bytes: int = 4, *,
+                      accumulating: bool = False) -> dict:
     """Bytes of weights, gradients, optimizer states and activations once `method` prepared `skeleton` and the
     core froze what it freezes (as pipeline._freeze does), for a batch of `batch_size`."""
     model = method.prepare(skeleton)
@@ -242,7 +248,8 @@ def estimate_prepared(skeleton: TaskModel, method, batch_size: int, frozen_bytes
     activations = saved_activation_bytes(model, skeleton.example_inputs(batch_size)) if skeleton.example_inputs else 0
     numbers = {"trained_parameters": trained, "weights": weights, "gradients": 4 * trained, "optimizer": 8 * trained,
                "activations": activations}
-    numbers["total"] = sum(numbers[k] for k in ("weights", "gradients", "optimizer", "activations"))
+    both = numbers["gradients"] + activations if accumulating else max(numbers["gradients"], activations)
+    numbers["total"] = weights + numbers["optimizer"] + both
     return numbers
 
 
