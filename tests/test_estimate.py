@@ -188,3 +188,18 @@ def test_layers_to_transform_outside_the_model_is_an_error_naming_its_layers(tmp
                                  method={"options": {"target_modules": ["q_lin"], "layers_to_transform": [5]}})
     with pytest.raises(RecipeError, match=r"layers_to_transform: \[5\] selects no layer .* numbered 0\.\.1"):
         load_recipe(testing.write_recipe(tmp_path / "r.yaml", recipe))
+
+
+def test_an_image_model_is_estimated_at_its_input_size_and_its_convolutions_adapted(tmp_path):
+    model_dir = testing.tiny_timm_model(tmp_path / "timm", image_size=32)
+    data = testing.write_image_folder(tmp_path / "images", {"train": testing.color_images(60)})
+    path = testing.write_recipe(tmp_path / "r.yaml", testing.image_recipe(model_dir, data, tmp_path / "run", "lora"))
+    adapters, memory = run_checks(load_recipe(path), ["finetune.estimate:adapter_check",
+                                                      "finetune.estimate:memory_check"]).sections
+    assert adapters.findings == [] and adapters.facts["model"]["adapted"] > 0
+    small = memory.facts["methods"]["lora"]["activations"]
+    bigger = testing.write_recipe(tmp_path / "b.yaml", testing.image_recipe(model_dir, data, tmp_path / "run", "lora",
+                                                                            train={"batch_size": 32}))
+    (section,) = run_checks(load_recipe(bigger), ["finetune.estimate:memory_check"]).sections
+    # activations scale with the batch (less a few per-channel statistics batch norm saves once)
+    assert 1.95 * small < section.facts["methods"]["lora"]["activations"] <= 2 * small
