@@ -34,8 +34,9 @@ def build_skeleton(task, source: str, revision: str | None) -> TaskModel:
         if Path(source).is_dir():
             raise
         raise SkeletonUnavailable(
-            f"it needs the Hub: model.name '{source}' is not a local folder, and its config could not be read "
-            f"({exc}). Run the check where the Hub is reachable, or point model.name at a local copy") from None
+            f"it needs the Hub: model.name '{source}' is not a local folder, and its config could not be read here "
+            f"({str(exc).splitlines()[0][:300]}). Run the check where the Hub is reachable, or point model.name at a "
+            "local copy") from None
     if skeleton is None:
         raise SkeletonUnavailable(f"the task plugin '{type(task).__name__}' builds no skeleton for this model")
     return skeleton
@@ -108,6 +109,8 @@ def validate_adapters(recipe) -> list[str]:
     from finetune import plugins
     from finetune.sources import resolve_model_source
 
+    if recipe.task_options is None or recipe.method_options is None:
+        return []  # their options are wrong: already reported
     method_cls = plugins.load(plugins.METHODS, recipe.method.name)
     given = set(recipe.method.options or {})
     if not given & set(getattr(method_cls, "validated_keys", ())):
