@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -52,6 +52,14 @@ class TaskModel:
     hub_id: str | None = None
     """The Hub repo the pretrained weights came from, when model.name does not say it plainly
     (timm's `resnet50.a1_in1k` is `timm/resnet50.a1_in1k`); None: model.name, unless it is local."""
+    components: list[str] = field(default_factory=list)
+    """Qualified names of the parts an adapter must reach each on its own (a pipeline's `unet` and
+    `text_encoder`): `finetune check` reports an adapter whose targets match nothing in a component that
+    is not frozen. Empty: the model as a whole."""
+    example_inputs: Callable[[int], dict] | None = None
+    """Only from `build_skeleton`: batch size → the keyword arguments of one training forward of the model on a
+    batch at the recipe's largest size (token ids of max_length, images at the input size), as meta tensors; the
+    memory estimate counts what autograd keeps of that forward. None: activations are not estimated."""
 
 
 @dataclass
@@ -251,12 +259,25 @@ class BaseTask:
         """A few inputs for the loaded `model` (from `load_saved`), for an ONNX export. Default: None, no ONNX export."""
         return None
 
+    def build_skeleton(self, source: str, revision: str | None) -> TaskModel | None:
+        """The model `build_model` would build, from its configs alone, with every weight on the meta device (no
+        weights read or allocated), for `finetune check` (adapters that train nothing, the memory estimate): the
+        same modules, head, adapter targets, frozen parts and `components`, plus `example_inputs`. Read only
+        configuration files; raise FinetuneError naming model.name when they cannot be read. Called after
+        `prepare_data`, so the labels are known. Default: None (those checks are skipped for this task)."""
+        return None
+
 
 class BaseMethod:
     """The optional members of a method, with their defaults: inherit it, and override what you need."""
 
     title: ClassVar[str] = "a fine-tune"
     """How the card names the result: "This model is **a LoRA adapter** of `base`"."""
+
+    validated_keys: ClassVar[tuple[str, ...]] = ()
+    """`method.options` keys that `finetune validate` checks against the model built from its local config
+    (`adapter_config` on `Task.build_skeleton`), when the recipe gives one of them: LoRA's target_modules. Checking
+    imports torch and the model's library, so validate stays light for recipes without them. Default: none."""
 
     def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
         """The trainable parameters of the prepared `model`, grouped for the optimizer:
@@ -270,6 +291,12 @@ class BaseMethod:
         gradient and holds them in eval mode throughout training (dropout off, batch-norm statistics
         fixed), as it does the task's `TaskModel.frozen`. Default: none."""
         return []
+
+    def adapter_config(self, task_model: TaskModel) -> Any:
+        """The peft config (`peft.PeftConfig`) that `prepare` applies to `task_model`, for `finetune check` and
+        `finetune validate` to match its target modules with peft's own rules. `prepare` must also accept a
+        skeleton on the meta device (`Task.build_skeleton`). Default: None (the method adds no adapter)."""
+        return None
 
 
 @runtime_checkable
@@ -336,6 +363,7 @@ class Task(Protocol):
     def load_saved(self, directory: Path, run: RunRecord, source: str, *, adapter: bool,
                    dtype: torch.dtype | None = None) -> torch.nn.Module: ...
     def export_inputs(self, model: torch.nn.Module) -> ExportInputs | None: ...
+    def build_skeleton(self, source: str, revision: str | None) -> TaskModel | None: ...
 
 
 @runtime_checkable
@@ -357,8 +385,10 @@ class Method(Protocol):
 
     # Optional: see BaseMethod.
     title: ClassVar[str]
+    validated_keys: ClassVar[tuple[str, ...]]
     def parameter_groups(self, model: torch.nn.Module) -> list[dict]: ...
     def frozen_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]: ...
+    def adapter_config(self, task_model: TaskModel) -> Any: ...
 
 
 def batch_examples(batch: dict) -> int:

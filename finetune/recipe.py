@@ -452,6 +452,8 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
                 f"'{recipe.method.name}' saves a whole model. Remove hub.artifacts." + _at(lines, ("hub", "artifacts"))
             )
     problems += _tracker_packages(recipe, lines)
+    if task_cls is not None and not problems:  # the model is built from its config only when the rest holds
+        problems += _adapter_problems(recipe, lines)
     stop = recipe.eval.early_stopping
     metrics = recipe.eval.metrics or getattr(task_cls, "default_metrics", None)
     # finetune's own metrics report one result named as they are; the results of a plugin's
@@ -463,6 +465,13 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
             + _at(lines, ("eval", "early_stopping", "metric"))
         )
     return problems
+
+
+def _adapter_problems(recipe: Recipe, lines: dict) -> list[str]:
+    """Targets the recipe names that adapt nothing in a component it trains (finetune/adapters.py)."""
+    from finetune.adapters import validate_adapters
+
+    return [problem + _at(lines, ("method", "options")) for problem in validate_adapters(recipe)]
 
 
 def _tracker_packages(recipe: Recipe, lines: dict) -> list[str]:

@@ -53,6 +53,36 @@ class TransformersClassifier(BaseTask):
         self.tokenizer = self.load_tokenizer(source, revision)
         return classifier_task_model(getattr(transformers, self.auto_class), source, revision, self.class_names(), dtype=dtype)
 
+    def build_skeleton(self, source: str, revision: str | None) -> TaskModel:
+        """The model from its config.json on the meta device, with a head for `class_names()` (two placeholder
+        classes before prepare_data), fed token ids of `options.max_length` (or the model's longest)."""
+        import torch
+        import transformers
+        from transformers import AutoConfig
+
+        labels = self.class_names() or ["0", "1"]
+        try:
+            config = AutoConfig.from_pretrained(source, revision=revision, num_labels=len(labels),
+                                                id2label=dict(enumerate(labels)),
+                                                label2id={name: i for i, name in enumerate(labels)})
+        except Exception as exc:
+            raise FinetuneError(f"model.name: could not read the config of '{source}': {type(exc).__name__}: {exc}") from None
+        with torch.device("meta"):
+            model = getattr(transformers, self.auto_class).from_config(config, dtype=torch.float32)
+        length = min(getattr(self.options, "max_length", 512), getattr(config, "max_position_embeddings", 512) or 512)
+
+        def inputs(batch: int) -> dict:
+            # no attention mask: every token counts (the longest batch), and no mask check that reads values
+            return {"input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta"),
+                    "labels": torch.zeros(batch, *self.skeleton_label_shape(length), dtype=torch.long, device="meta")}
+
+        return TaskModel(model=model, head=head_modules(model, {}), adapter_targets=adapter_targets(model),
+                         example_inputs=inputs)
+
+    def skeleton_label_shape(self, length: int) -> tuple:
+        """The shape of one example's labels after its batch dimension: () per text, (length,) per token."""
+        return (length,) if self.auto_class == "AutoModelForTokenClassification" else ()
+
     def collate(self, examples: list[dict]) -> dict:
         return self.collator(examples)
 

@@ -112,6 +112,28 @@ class ImageClassification(BaseTask):
         return TaskModel(model=model, head=head, adapter_targets=_adapter_targets(model, head),
                          hub_id=model.pretrained_cfg.get("hf_hub_id"))
 
+    def build_skeleton(self, source: str, revision: str | None) -> TaskModel:
+        """timm's architecture (`pretrained=False`: a local folder's config.json, or the registry's name) on the
+        meta device, fed images at its data config's input size."""
+        import timm
+        import torch
+        from timm.data import resolve_model_data_config
+
+        name = timm_name(source, revision)
+        extra = {"drop_path_rate": self.options.drop_path_rate} if self.options.drop_path_rate is not None else {}
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, num_classes=len(self.labels) or 2, **extra)
+        except Exception as exc:
+            raise FinetuneError(f"model.name: timm could not build '{name}' from its config: {type(exc).__name__}: {exc}") from None
+        size = tuple(resolve_model_data_config(model)["input_size"])
+        head = _head_modules(model)
+
+        def inputs(batch: int) -> dict:
+            return {"x": torch.zeros(batch, *size, device="meta")}
+
+        return TaskModel(model=model, head=head, adapter_targets=_adapter_targets(model, head), example_inputs=inputs)
+
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
         from datasets import DatasetDict
         from timm.data import create_transform, resolve_model_data_config

@@ -49,6 +49,28 @@ def load_pipeline(source: str, revision: str | None, eval_timesteps: list[int], 
     return pipeline, noise_scheduler
 
 
+def skeleton_components(source: str, revision: str | None):
+    """(unet, vae, text_encoder, DDPM scheduler) of the pipeline at `source`, built from their configs on the meta
+    device: no weight is read. The configs' failure names model.name."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    where = {"revision": revision}
+    try:
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **where)
+        vae_config = AutoencoderKL.load_config(source, subfolder="vae", **where)
+        text_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", **where)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **where)
+    except Exception as exc:
+        raise FinetuneError(f"model.name: could not read the configs of the pipeline '{source}' (unet/, vae/, "
+                            f"text_encoder/, scheduler/): {type(exc).__name__}: {exc}") from None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(text_config)
+    return unet, vae, text_encoder, noise_scheduler
+
+
 class DiffusionModel(torch.nn.Module):
     def __init__(self, unet, vae, text_encoder, noise_scheduler, snr_gamma: float | None = None):
         super().__init__()

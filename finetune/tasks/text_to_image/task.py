@@ -65,6 +65,31 @@ class TextToImage(BaseTask):
             head=[],  # nothing is new: every trained weight is pretrained
             adapter_targets=UNET_ATTENTION + (TEXT_ENCODER_ATTENTION if train_text else []),
             frozen=["vae"] + ([] if train_text else ["text_encoder"]),
+            components=["unet", "text_encoder"],
+        )
+
+    def build_skeleton(self, source: str, revision: str | None) -> TaskModel:
+        """The UNet, VAE and text encoder from their configs on the meta device, fed a batch of images at
+        `resolution` and captions of the text encoder's length."""
+        import torch
+
+        from finetune.tasks.text_to_image.model import DiffusionModel, skeleton_components
+
+        unet, vae, text_encoder, noise_scheduler = skeleton_components(source, revision)
+        train_text = self.options.train_text_encoder
+        length, size = text_encoder.config.max_position_embeddings, self.options.resolution
+
+        def inputs(batch: int) -> dict:
+            return {"input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta"),
+                    "pixel_values": torch.zeros(batch, 3, size, size, device="meta")}
+
+        return TaskModel(
+            model=DiffusionModel(unet, vae, text_encoder, noise_scheduler, self.options.snr_gamma),
+            head=[],
+            adapter_targets=UNET_ATTENTION + (TEXT_ENCODER_ATTENTION if train_text else []),
+            frozen=["vae"] + ([] if train_text else ["text_encoder"]),
+            components=["unet", "text_encoder"],
+            example_inputs=inputs,
         )
 
     def preprocess(self, splits: DatasetDict, task_model: TaskModel) -> DatasetDict:
