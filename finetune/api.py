@@ -279,6 +279,12 @@ class BaseMethod:
     (`adapter_config` on `Task.build_skeleton`), when the recipe gives one of them: LoRA's target_modules. Checking
     imports torch and the model's library, so validate stays light for recipes without them. Default: none."""
 
+    def missing_requirements(self) -> list[str]:
+        """What this machine lacks for the options given (a package, a device), one message each naming the key
+        and the fix; `finetune validate` and `run` report them. Not asked when a finished run is read back (a QLoRA
+        adapter still predicts on a CPU machine). Default: nothing."""
+        return []
+
     def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
         """The trainable parameters of the prepared `model`, grouped for the optimizer:
         `[{"params": [...]}, {"params": [...], "lr": 1e-5}]`; a group without "lr" uses train.lr.

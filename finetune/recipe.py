@@ -452,6 +452,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[str]:
                 f"'{recipe.method.name}' saves a whole model. Remove hub.artifacts." + _at(lines, ("hub", "artifacts"))
             )
     problems += _tracker_packages(recipe, lines)
+    problems += _method_requirements(recipe, lines)
     if task_cls is not None and not problems:  # the model is built from its config only when the rest holds
         problems += _adapter_problems(recipe, lines)
     stop = recipe.eval.early_stopping
@@ -472,6 +473,19 @@ def _adapter_problems(recipe: Recipe, lines: dict) -> list[str]:
     from finetune.adapters import validate_adapters
 
     return [problem + _at(lines, ("method", "options")) for problem in validate_adapters(recipe)]
+
+
+def _method_requirements(recipe: Recipe, lines: dict) -> list[str]:
+    """What the method's options need that this machine lacks (QLoRA: bitsandbytes)."""
+    from finetune import plugins
+
+    if recipe.method_options is None:
+        return []  # the options were refused: already reported
+    try:
+        method = plugins.load(plugins.METHODS, recipe.method.name)(recipe.method_options)
+    except (PluginError, AttributeError):
+        return []  # already reported
+    return [problem + _at(lines, ("method", "options")) for problem in method.missing_requirements()]
 
 
 def _tracker_packages(recipe: Recipe, lines: dict) -> list[str]:

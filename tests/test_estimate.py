@@ -20,13 +20,13 @@ from finetune.recipe import load_recipe
 REPO = Path(__file__).resolve().parent.parent
 BATCH, LENGTH = 8, 128
 
-# One process per method: ru_maxrss is the process's high-water mark, so the peak of a step is measured from a
+# One process per method: VmHWM is the process's high-water mark (reset before the measured steps), so the peak of a step is measured from a
 # baseline taken after a warm-up on a tiny model of the same kind (the allocator's arenas, thread pools, autograd's
 # engine, peft's imports are the libraries' memory, not the model's). MALLOC_MMAP_THRESHOLD_ fixes glibc's threshold,
 # so every large tensor is its own mapping, returned on free: the resident size then follows the live tensors.
 # Two steps: from the second on AdamW's states exist for the whole step, as in every later step of a run.
 MEASURE = r"""
-import gc, json, resource, sys
+import gc, json, sys
 from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -37,8 +37,9 @@ from finetune.transformers_models import adapter_targets, head_modules
 torch.set_num_threads(1)
 model_dir, method_name, batch, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 
-def rss():
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+def status(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 def train(config):
     model = AutoModelForSequenceClassification.from_config(config)
@@ -58,9 +59,13 @@ def train(config):
 
 train(AutoConfig.from_pretrained(model_dir, num_labels=2, n_layers=1, dim=8, hidden_dim=8, n_heads=1, vocab_size=10))
 gc.collect()
-base = rss()
+base = status("RssAnon")
+Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: an import's transient peak is not the step's
 train(AutoConfig.from_pretrained(model_dir, num_labels=2))
-print(json.dumps({"measured": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+# The peak less the mapped files (library code: how much of it is resident depends on the page cache, that is on
+# what other processes ran before; file pages only grow here, so the end's count bounds the peak's).
+peak = status("VmHWM") - status("RssFile") - status("RssShmem")
+print(json.dumps({"measured": peak - base}))
 """
 
 

@@ -84,6 +84,8 @@ def test_quantize_without_bitsandbytes_and_cuda_is_one_clear_error(tmp_path, dis
     assert "method.options.quantize needs a CUDA GPU and pip install bitsandbytes" in str(caught.value)
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 1 and "Traceback" not in result.output and "bitsandbytes" in result.output
+    # A QLoRA run's recipe copy is still read back here (its adapter predicts on a CPU machine).
+    assert load_recipe(path, cross_check=False).method_options.quantize == "4bit"
 
 
 def test_quantize_at_run_time_on_cpu_refuses_rather_than_training_unquantized(distilbert_dir):

@@ -74,13 +74,6 @@ class LoraOptions(BaseModel):
             raise ValueError(f"'{value}' {_REFUSED_INITIALISATIONS[name]}; use one of {list(INITIALISATIONS)}")
         raise ValueError(f"'{value}' is not one of peft's initialisations finetune runs: {list(INITIALISATIONS)}")
 
-    @field_validator("quantize")
-    @classmethod
-    def _bitsandbytes_installed(cls, value):
-        if value is not None and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"{QUANTIZE_REQUIREMENT}: bitsandbytes is not installed. Install it on a machine with a "
-                             "CUDA GPU, or remove method.options.quantize to train LoRA on the full-precision base.")
-        return value
 
 
 class Lora(BaseMethod):
@@ -88,6 +81,12 @@ class Lora(BaseMethod):
     produces_adapter = True
     title = "a LoRA adapter"
     validated_keys = ("target_modules", "layers_to_transform")
+
+    def missing_requirements(self) -> list[str]:
+        if self.options.quantize and importlib.util.find_spec("bitsandbytes") is None:
+            return [f"{QUANTIZE_REQUIREMENT}: bitsandbytes is not installed. Install it on a machine with a CUDA GPU, "
+                    "or remove method.options.quantize to train LoRA on the full-precision base."]
+        return []
 
     def __init__(self, options: LoraOptions):
         self.options = options
