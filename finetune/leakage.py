@@ -58,6 +58,9 @@ class Item:
     key: str
     excerpt: str
     text: str | None = None
+    """normalised"""
+    raw: str | None = None
+    """as the task gave it (the data report tokenises it)"""
     phash: int | None = None
     size: tuple[int, int] | None = None
 
@@ -114,7 +117,7 @@ def _item(row: int, value, label, example: dict) -> Item:
     if isinstance(value, str):
         text = normalise(value)
         excerpt = text if len(text) <= _EXCERPT else text[:_EXCERPT - 3] + "..."
-        return Item(row, label, hashlib.sha256(text.encode()).hexdigest(), excerpt, text=text)
+        return Item(row, label, hashlib.sha256(text.encode()).hexdigest(), excerpt, text=text, raw=value)
     import imagehash
 
     image = value.convert("RGB")
