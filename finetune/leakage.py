@@ -6,7 +6,7 @@ What an example's input and label are is the task's to say (`Task.audit_input`, 
 says nothing is not audited. Inputs are compared three ways:
 
 - exact: equal after folding case and runs of whitespace (texts), or equal pixels (images);
-- near, texts: MinHash over word shingles (datasketch), candidates from LSH, each candidate pair then kept only
+- near, texts: MinHash over word shingles (datasketch), candidates from LSH (at LSH_THRESHOLD), each one kept only
   when the exact Jaccard similarity of its shingle sets reaches NEAR_THRESHOLD (so the count does not depend
   on MinHash's estimate);
 - near, images: perceptual hashes (imagehash's phash, 64 bits) at most PHASH_MAX_DISTANCE bits apart, found
@@ -38,6 +38,9 @@ NEAR_THRESHOLD = 0.7
 """Jaccard similarity of two texts' shingle sets from which they count as near duplicates."""
 NUM_PERM = 128
 """MinHash permutations: LSH's estimate of a 0.7 similarity is off by about 0.04 (1 / sqrt(128) * sqrt(0.21))."""
+LSH_THRESHOLD = 0.5
+"""LSH's own threshold, below NEAR_THRESHOLD: a pair at 0.7 is then a candidate almost surely (at 0.7 itself LSH
+would miss about a third of them), and the exact Jaccard similarity decides."""
 MINHASH_SEED = 1
 """MinHash's seed, fixed so that every process and every run finds the same candidates."""
 PHASH_MAX_DISTANCE = 8
@@ -204,7 +207,7 @@ class _TextIndex:
     def __init__(self, train: list[Item]):
         from datasketch import MinHash, MinHashLSH
 
-        self.lsh = MinHashLSH(threshold=NEAR_THRESHOLD, num_perm=NUM_PERM)
+        self.lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
         self.items, self.shingles = {}, {}
         sets = [shingles(item.text) for item in train]
         hashes = MinHash.bulk([[s.encode() for s in sorted(group)] for group in sets], num_perm=NUM_PERM, seed=MINHASH_SEED)
