@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +119,8 @@ def read_items(task, splits: DatasetDict) -> tuple[str | None, dict[str, list[It
 
 def _item(row: int, value, label, example: dict) -> Item:
     if isinstance(value, str):
-        text = normalise(value)
-        excerpt = text if len(text) <= _EXCERPT else text[:_EXCERPT - 3] + "..."
+        text, shown = normalise(value), " ".join(value.split())  # the excerpt keeps the case
+        excerpt = shown if len(shown) <= _EXCERPT else shown[:_EXCERPT - 3] + "..."
         return Item(row, label, hashlib.sha256(text.encode()).hexdigest(), excerpt, text=text, raw=value)
     import imagehash
 
@@ -276,7 +277,7 @@ def deduplicate(splits: DatasetDict, task, recipe: Recipe, *, main_process: bool
             splits[role] = splits[role].select([i for i in range(len(splits[role])) if i not in drop])
             facts["dropped"][role] = len(drop)
     if main_process and (leaked or _repeats(result)):
-        print(warning(result, splits, mode), flush=True)
+        print(warning(result, splits, mode), file=sys.stderr, flush=True)
     return splits, facts
 
 
