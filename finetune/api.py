@@ -33,6 +33,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import torch
     from datasets import DatasetDict
+    from PIL import Image
 
 
 @dataclass
@@ -210,6 +211,20 @@ class BaseTask:
         Called once, after training. Default: {}."""
         return {}
 
+    def audit_input(self, row: dict) -> str | Image.Image | None:
+        """What the model sees of one example of the prepared data (a row as `prepare_data` returned it), for the
+        leakage audit and the data report (`finetune check`, `data.deduplicate`): a text (a text pair joined, a
+        sentence's words joined by spaces) or an RGB image. Two examples whose inputs are equal after folding case
+        and whitespace are exact duplicates; texts are also compared by MinHash over word shingles, images by
+        perceptual hash. Default: None, this task's data is not audited (the report says so)."""
+        return None
+
+    def audit_label(self, row: dict) -> Any:
+        """What the model is taught for one row (a class id, a tuple of tags), hashable, for the audit's
+        conflicting-labels count and the data report's label distribution. None: the task has no labels to
+        compare (a generator's captions). Default: None."""
+        return None
+
     def count_items(self, batch: dict) -> torch.Tensor:
         """How many items each example's loss averages over, one count per example: the labelled tokens
         of a sentence for a token-level loss. The core weights every loss by these counts, so that
@@ -361,6 +376,8 @@ class Task(Protocol):
 
     # Optional: see BaseTask.
     def data_facts(self) -> dict: ...
+    def audit_input(self, row: dict) -> str | Image.Image | None: ...
+    def audit_label(self, row: dict) -> Any: ...
     def count_items(self, batch: dict) -> torch.Tensor: ...
     def metric_options(self) -> dict: ...
     def write_samples(self, model: torch.nn.Module, directory: Path) -> None: ...

@@ -157,6 +157,25 @@ def _dataset_fields(run: RunRecord, role: str) -> dict:
 
 
 def _data_description(run: RunRecord) -> dict:
+    return {**_data_source(run), "leakage": leakage_table(run.summary.get("data", {}).get("leakage"))}
+
+
+def leakage_table(leakage: dict | None) -> dict | None:
+    """The leakage audit of metrics.json (data.leakage) as the card's table; None for a run without one (older
+    runs, data.deduplicate: none, a task that is not audited)."""
+    if not leakage:
+        return None
+    near = leakage["near"]
+    how = (f"MinHash over {near['shingle_words']}-word shingles, Jaccard similarity at least {near['threshold']}"
+           if near["compare"] == "minhash" else f"perceptual hashes (phash) at most {near['max_distance']} bits apart")
+    dropped = leakage.get("dropped", {})
+    rows = [{"pair": name, **{k: counts[k] for k in ("exact", "near", "conflicting_labels")},
+             "dropped": dropped.get(name.split("/")[1], 0) if name != "train/train" else "-"}
+            for name, counts in leakage["pairs"].items()]
+    return {"mode": leakage["mode"], "how": how, "rows": rows}
+
+
+def _data_source(run: RunRecord) -> dict:
     recipe = run.recipe
     data = run.summary.get("data", {})
     folder = data.get("folder")
@@ -184,6 +203,13 @@ def limitations(run: RunRecord) -> list[str]:
             f"The base model was loaded from a local folder ({base['name']}), and the adapter refers to its base by "
             "that path (peft's adapter_config.json, the usage snippet): elsewhere, point it at the same weights."
         )
+    leakage = summary.get("data", {}).get("leakage") or {}
+    dropped = leakage.get("dropped", {})
+    for name, counts in leakage.get("pairs", {}).items():
+        role, shared = name.split("/")[1], counts["exact"] + counts["near"]
+        if name != "train/train" and shared and not dropped.get(role):
+            notes.append(f"{shared} of the {role} examples also appear in train ({counts['exact']} exactly, "
+                         f"{counts['near']} nearly): the {role} scores may overstate how the model does on new data.")
     stop = recipe.eval.early_stopping
     if summary["stopped_early"] and stop is not None:
         notes.append(

@@ -42,6 +42,8 @@ class _Run:
     splits: Any
     """The raw splits (train / eval / test), as the task prepared them."""
     eval_carved: bool
+    leakage: dict | None
+    """The leakage audit's facts (data.deduplicate), for metrics.json; None when it did not run."""
     source: str
     task_model: Any
     model: Any
@@ -138,6 +140,7 @@ def _build(recipe: Recipe, layout: RunLayout) -> _Run:
     from accelerate.utils import set_seed
 
     from finetune.data import finish_splits, load_splits
+    from finetune.leakage import deduplicate
     from finetune.metrics import Metrics
     from finetune.sources import resolve_model_source
     from finetune.training.engine import check_engine, count_parameters, make_accelerator
@@ -152,6 +155,8 @@ def _build(recipe: Recipe, layout: RunLayout) -> _Run:
         splits = task.prepare_data(load_splits(recipe))
     eval_carved = "eval" not in splits
     splits = finish_splits(splits, recipe, task.stratify_column)
+    # The same seeded audit on every process, so every rank drops the same eval / test rows.
+    splits, leakage = deduplicate(splits, task, recipe, main_process=accelerator.is_main_process)
     metrics = Metrics(recipe.eval.metrics or task.default_metrics, task.metric_options())
     source = resolve_model_source(recipe.model.name, recipe.base_dir)
 
@@ -165,7 +170,7 @@ def _build(recipe: Recipe, layout: RunLayout) -> _Run:
         f"{recipe.method.name}: training {parameters['trainable']:,} of {parameters['total']:,} parameters "
         f"({100 * parameters['trainable'] / parameters['total']:.2f}%)"
     )
-    return _Run(recipe, layout, accelerator, task, method, splits, eval_carved, source, task_model, model, frozen, parameters,
+    return _Run(recipe, layout, accelerator, task, method, splits, eval_carved, leakage, source, task_model, model, frozen, parameters,
                 metrics)
 
 
@@ -289,6 +294,8 @@ def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | 
     recipe, layout, task, method = r.recipe, r.layout, r.task, r.method
     summary["base_model"] = describe_base_model(recipe, r.source, r.task_model.hub_id)
     summary["data"] = describe_data(recipe, r.splits, eval_carved=r.eval_carved, task_facts=task.data_facts())
+    if r.leakage is not None:
+        summary["data"]["leakage"] = r.leakage
     summary["environment"] = describe_environment(r.accelerator)
     with atomic_path(layout.model) as tmp:
         task.save(model, tmp, adapter=method.produces_adapter, **({} if gathered is None else {"state_dict": gathered}))

@@ -78,6 +78,11 @@ class DataSection(Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train carved (stratified, seeded) as the eval split when none exists.")
     max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples (a seeded random subset), for quick runs.")
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval and test examples.")
+    deduplicate: Literal["none", "warn", "drop-from-eval", "error"] = Field(
+        "warn", description="What a run does with eval / test examples that also appear in train, exactly or nearly "
+        "(the leakage audit): warn prints a warning, drop-from-eval removes them from eval / test before training, error "
+        "stops before any model is loaded, none skips the audit."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:

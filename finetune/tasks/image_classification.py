@@ -83,6 +83,12 @@ class ImageClassification(BaseTask):
     def data_facts(self) -> dict:
         return self.facts
 
+    def audit_input(self, row: dict):
+        return open_image(row["image"])
+
+    def audit_label(self, row: dict) -> int:
+        return row["label"]
+
     def metric_options(self) -> dict:
         return {"labels": list(range(len(self.labels)))}  # every class counts at every evaluation
 

@@ -58,6 +58,13 @@ class TextClassification(TransformersClassifier):
     def data_facts(self) -> dict:
         return self.facts
 
+    def audit_input(self, row: dict) -> str:
+        """The text, and its pair after a separator (a pair is one input: the same two texts in another pair differ)."""
+        return row["text"] if row.get("text_pair") is None else f"{row['text']} [SEP] {row['text_pair']}"
+
+    def audit_label(self, row: dict) -> int:
+        return row["label"]
+
     def metric_options(self) -> dict:
         return {"labels": list(range(len(self.labels)))}  # every class counts at every evaluation
 

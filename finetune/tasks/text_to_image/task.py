@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from finetune.api import Artifact, BaseTask, CardInfo, PredictOptions, RunRecord, TaskModel
 from finetune.columns import require_columns
 from finetune.errors import DataError
-from finetune.images import check_images, skipped_images_note
+from finetune.images import check_images, open_image, skipped_images_note
 from finetune.tasks.text_to_image import card
 from finetune.tasks.text_to_image.data import is_caption
 from finetune.tasks.text_to_image.options import TextToImageOptions
@@ -51,6 +51,12 @@ class TextToImage(BaseTask):
 
     def data_facts(self) -> dict:
         return self.facts
+
+    def audit_input(self, row: dict):
+        """The image, not the caption: the image is what the model learns to make and what the validation loss
+        scores, so an image in train and eval leaks whatever its captions say. Captions are no labels either: one
+        image with several captions (or one caption for many images) is ordinary data, not a conflict."""
+        return open_image(row["image"])
 
     # -- model ----------------------------------------------------------------------------
     def build_model(self, source: str, revision: str | None, *, dtype=None) -> TaskModel:

@@ -82,6 +82,12 @@ class TokenClassification(TransformersClassifier):
     def data_facts(self) -> dict:
         return self.facts
 
+    def audit_input(self, row: dict) -> str:
+        return " ".join(row["tokens"])  # the words as one text: the same sentence tokenised alike is a duplicate
+
+    def audit_label(self, row: dict) -> tuple:
+        return tuple(row["tags"])  # one tag per word: the same sentence tagged differently is a conflict
+
     def class_names(self) -> list[str]:
         return self.tags
 

@@ -320,3 +320,14 @@ def test_every_option_is_documented_in_the_readme():
     readme = (PLUGIN / "README.md").read_text()
     for name, field in TokenClassificationOptions.model_fields.items():
         assert f"| `{name}` | {field.default} | {field.description} |" in readme, name
+
+
+def test_the_leakage_audit_reads_a_sentence_and_its_tags():
+    """Fails if the audit members are missing (the audit would skip this task) or give an unhashable label."""
+    from finetune_token_classification.task import TokenClassification
+
+    task = TokenClassification(TokenClassification.Options())
+    row = {"tokens": ["John", "lives", "in", "Paris"], "tags": [1, 0, 0, 3]}
+    assert task.audit_input(row) == "John lives in Paris"
+    assert task.audit_label(row) == (1, 0, 0, 3)
+    assert hash(task.audit_label(row)) == hash((1, 0, 0, 3))
