@@ -273,10 +273,21 @@ def _summary(r: _Run, trained, final: dict) -> dict:
         "peak_memory_mb": peak_memory(r.accelerator),  # this session's, on the main process
         "lr_changes": state.lr_changes,
         "history": state.history,
+        "metric_options": _as_json(r.task.metric_options()),  # what the metrics were given, for `finetune compare`
     }
     if r.accelerator.num_processes > 1 and not is_sharded(r.accelerator):  # shards differ by design
         summary["rank_checksums"] = rank_checksums(r.accelerator, r.accelerator.unwrap_model(trained.model))
     return summary
+
+
+def _as_json(value):
+    """`value` when JSON can hold it, else None (a plugin's metric options of another kind are not recorded)."""
+    import json
+
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
 
 
 def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | None) -> None:

@@ -73,6 +73,10 @@ class RunLayout:
         return (self.metrics.is_file() and self.model.exists() and self.recipe.is_file()
                 and not _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml)))
 
+    def changed_keys(self, recipe_yaml: str) -> list[str]:
+        """The recipe keys in which `recipe_yaml` differs from the recipe this directory's run was started with."""
+        return _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml))
+
     def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""
         exists = self.root.is_dir() and any(self.root.iterdir())

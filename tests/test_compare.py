@@ -1,0 +1,177 @@
+"""`finetune compare`: variants (methods × grid), a report whose numbers are the variants' own, the bootstrap
+interval against a hand computation, the best-variant rule, and a resume that redoes no finished variant.
+
+Each variant runs as `finetune run` in a process of its own (one process each, not a multi-process run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from finetune import testing
+from finetune.cli import main
+from finetune.compare_report import Row, choose, pareto_front
+
+TINY = {"train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "log_every_steps": 4, "seed": 7},
+        "eval": {"every_steps": 4}, "checkpoint": {"every_steps": 4}}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def write_tiny_recipe(work: Path, model: Path, data: Path, method: str = "lora") -> Path:
+    recipe = testing.text_recipe(model, data, work / "run", method, **TINY)
+    return testing.write_recipe(work / "recipe.yaml", recipe)
+
+
+def load(path: Path):
+    return json.loads(path.read_text())
+
+
+def files_of(folder: Path) -> dict:
+    """path → (bytes, mtime_ns) of every file under `folder`."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, pretrained_distilbert, sentiment_dir) -> Path:
+    """One compare of three methods, with a grid over LoRA's rank: four variants."""
+    work = tmp_path_factory.mktemp("compare")
+    recipe = write_tiny_recipe(work, pretrained_distilbert, sentiment_dir)
+    result = invoke("compare", recipe, "--methods", "feature-extraction,lora,full", "--grid", "method.options.r=2,4")
+    assert result.exit_code == 0, result.output
+    assert "--grid method.options.r applies to lora only (feature-extraction, full have no such option" in result.output
+    return work / "run" / "compare"
+
+
+def test_a_grid_over_the_rank_makes_the_named_variants(compared):
+    assert sorted(p.name for p in compared.iterdir() if p.is_dir() and p.name != "images") == [
+        "feature-extraction", "full", "lora-r2", "lora-r4"]
+    for rank in (2, 4):
+        run = compared / f"lora-r{rank}"
+        assert yaml.safe_load((run / "recipe.yaml").read_text())["method"]["options"]["r"] == rank
+        assert load(run / "model" / "adapter_config.json")["r"] == rank  # the rank reached the model
+    # A LoRA option is not given to the methods without it (full's Options would refuse it).
+    assert yaml.safe_load((compared / "full" / "recipe.yaml").read_text())["method"] == {"name": "full", "options": {"backbone_lr": None}}
+
+
+def test_the_report_holds_the_variants_own_numbers(compared):
+    report = load(compared / "report.json")
+    assert report["metric"] == "accuracy" and report["split"] == "test"  # the task's first default metric
+    markdown = (compared / "report.md").read_text()
+    assert [v["name"] for v in report["variants"]] == ["feature-extraction", "lora-r2", "lora-r4", "full"]
+    for variant in report["variants"]:
+        run = compared / variant["name"]
+        summary = load(run / "metrics.json")
+        assert variant["metric"] == summary["metrics"]["test"]["accuracy"]
+        assert variant["parameters"] == {k: summary["parameters"][k] for k in ("trainable", "total")}
+        assert variant["train_seconds"] == summary["train_seconds"]
+        assert variant["peak_memory_mb"] == summary["peak_memory_mb"]
+        assert variant["artifact_bytes"] == sum(os.path.getsize(Path(d, f)) for d, _, fs in os.walk(run / "model") for f in fs)
+        low, high = variant["interval"]
+        assert low <= variant["metric"] <= high and low < high
+        row = (f"| {variant['name']} | {variant['metric']:.4f} | {low:.4f} – {high:.4f} | "
+               f"{variant['parameters']['trainable']:,} | {variant['parameters']['total']:,} | {variant['train_seconds']:g} | ")
+        assert row in markdown
+        assert f"{variant['artifact_bytes']:,} | started |" in markdown
+    full = next(v for v in report["variants"] if v["name"] == "full")
+    assert full["parameters"]["trainable"] == full["parameters"]["total"]
+    assert (compared / "images" / "pareto.png").stat().st_size > 1000 and "![accuracy" in markdown
+
+
+def test_the_interval_is_the_documented_bootstrap(compared):
+    # By hand: 1000 resamples of the 40 test examples from default_rng(0), accuracy as the share of equal pairs
+    # (numpy, not the metric's scikit-learn code), and the 2.5th / 97.5th percentiles.
+    report = load(compared / "report.json")
+    variant = next(v for v in report["variants"] if v["name"] == "lora-r4")
+    saved = load(compared / "lora-r4" / "predictions.json")["test"]
+    right = np.array(saved["predictions"]) == np.array(saved["references"])
+    assert len(right) == 40 == variant["examples"]
+    rng = np.random.default_rng(0)
+    values = [right[rng.integers(0, 40, size=40)].mean() for _ in range(1000)]
+    assert variant["interval"] == pytest.approx(list(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+
+
+def test_the_best_variant_follows_the_rule_on_the_reported_numbers(compared):
+    report = load(compared / "report.json")
+    variants = report["variants"]
+    top = max(variants, key=lambda v: (v["metric"], -v["parameters"]["trainable"]))
+    within = [v for v in variants if v["metric"] >= top["interval"][0]]
+    expected = min(within, key=lambda v: (v["parameters"]["trainable"], v["train_seconds"]))
+    assert report["best"] == expected["name"] and report["best_metric"] == top["name"]
+    assert f"**{expected['name']}**" in (compared / "report.md").read_text()
+
+
+def row(name: str, metric: float, trainable: int, interval=None, seconds: float = 1.0) -> Row:
+    return Row(name=name, method=name, settings={}, status="", run_dir=Path(name), metric=metric, interval=interval,
+               interval_note=None, examples=40, trainable=trainable, total=1000, train_seconds=seconds,
+               peak_memory_mb={}, artifact_bytes=0)
+
+
+def test_the_rule_picks_the_cheapest_within_the_best_interval():
+    rows = [row("full", 0.90, 1000, [0.85, 0.95]), row("lora", 0.86, 50, [0.80, 0.92]), row("head", 0.80, 2, [0.7, 0.9])]
+    top, best = choose(rows, higher_is_better=True)
+    assert (top.name, best.name) == ("full", "lora")  # not the best metric, nor the cheapest overall
+    assert [r.name for r in pareto_front(rows, True)] == ["head", "lora", "full"]
+    # A loss: lower is better, and the interval's upper end bounds what is within it.
+    losses = [row("full", 0.20, 1000, [0.15, 0.25]), row("lora", 0.24, 50), row("head", 0.26, 2)]
+    assert choose(losses, higher_is_better=False)[1].name == "lora"
+    # Two within the interval with the same parameters: the shorter training wins.
+    ties = [row("a", 0.9, 10, [0.8, 1.0], seconds=5.0), row("b", 0.85, 10, [0.8, 0.9], seconds=2.0)]
+    assert choose(ties, higher_is_better=True)[1].name == "b"
+
+
+def test_an_interrupted_compare_resumes_without_redoing_finished_variants(tmp_path, pretrained_distilbert, sentiment_dir):
+    recipe = write_tiny_recipe(tmp_path, pretrained_distilbert, sentiment_dir)
+    first = invoke("compare", recipe, "--methods", "feature-extraction,lora")
+    assert first.exit_code == 0, first.output
+    compare_dir = tmp_path / "run" / "compare"
+    finished, lora = compare_dir / "feature-extraction", compare_dir / "lora"
+    uninterrupted = load(lora / "metrics.json")
+
+    # The LoRA variant killed right after its step-4 checkpoint: no outputs, no later checkpoint.
+    shutil.rmtree(lora / "checkpoints" / "step-00000008")
+    for name in testing.RUN_OUTPUTS:
+        target = lora / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    before = files_of(finished)
+    kept_checkpoint = files_of(lora / "checkpoints" / "step-00000004")
+
+    again = invoke("compare", recipe, "--methods", "feature-extraction,lora")
+    assert again.exit_code == 0, again.output
+    statuses = {v["name"]: v["status"] for v in load(compare_dir / "report.json")["variants"]}
+    assert statuses == {"feature-extraction": "skipped (finished)", "lora": "resumed"}
+    assert files_of(finished) == before  # not retrained: the very files, not rewritten
+    assert files_of(lora / "checkpoints" / "step-00000004") == kept_checkpoint  # resumed from it, not restarted
+    resumed = load(lora / "metrics.json")
+    assert resumed["metrics"] == uninterrupted["metrics"] and resumed["history"] == uninterrupted["history"]
+
+    # A changed recipe is refused, naming the variants and the key; --overwrite would rerun them.
+    changed = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--set", "train.lr=0.001")
+    assert changed.exit_code == 1 and "Traceback" not in changed.output
+    assert "feature-extraction (train.lr); lora (train.lr)" in changed.output and "--overwrite" in changed.output
+    planned = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--set", "train.lr=0.001", "--overwrite",
+                     "--dry-run")
+    assert planned.exit_code == 0 and planned.output.count("rerun (--overwrite)") == 2
+    assert files_of(finished) == before
+
+
+def test_user_errors_are_one_paragraph(tmp_path, pretrained_distilbert, sentiment_dir):
+    recipe = write_tiny_recipe(tmp_path, pretrained_distilbert, sentiment_dir)
+    for args, message in [
+        (["--methods", "full", "--grid", "method.options.r=4,8"], "--grid method.options.r: none of the methods compared (full)"),
+        (["--grid", "train.lr"], "--grid 'train.lr': expected KEY=V1,V2,..."),
+        (["--methods", "full,lorra"], "--methods: "),
+        (["--set", "method.name=full"], "--set method.name: a compare sets it for each variant; name the methods with --methods."),
+    ]:
+        result = invoke("compare", recipe, *args)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()  # nothing ran
