@@ -3,11 +3,14 @@ variants' run directories alone (metrics.json, predictions.json, model/).
 
 - The metric is the recipe's first (`eval.metrics`, else the task's default): the first value after the loss in
   metrics.json, on the test split (the eval split when there is none); with no metric (text to image), the loss.
-- Its 95% interval is a seeded percentile bootstrap over the split's examples: 1000 resamples of the examples
-  with replacement, drawn from numpy's `default_rng(0)`, the metric recomputed on each by the run's own metric
-  code with the run's metric options (metrics.json `metric_options`), and the 2.5th and 97.5th percentiles
-  (numpy's linear interpolation). Every variant is scored on the same resamples (the split is the same). A loss,
-  or a metric that ranks scores, has no interval: predictions.json keeps neither per-example losses nor scores.
+- Its 95% interval: for accuracy, Wilson's score interval over the split's n examples (the card's own,
+  finetune.reports.wilson_interval), which does not collapse at 0 or 1 as a bootstrap does (a variant with 40 of
+  40 right would get [1, 1] and nothing could be "within" it). For any other metric, a seeded percentile
+  bootstrap over the split's examples: 1000 resamples with replacement drawn from numpy's `default_rng(0)`, the
+  metric recomputed on each by the run's own metric code with the run's metric options (metrics.json
+  `metric_options`), and the 2.5th and 97.5th percentiles (numpy's linear interpolation); every variant is scored
+  on the same resamples. A loss, or a metric that ranks scores, has no interval: predictions.json keeps neither
+  per-example losses nor scores.
 - Cost is the trainable parameters: a property of the variant, where training time and memory move with the
   machine and its load (both are reported too).
 - The best variant is the cheapest (fewest trainable parameters; then training time) whose metric lies within the
@@ -25,6 +28,8 @@ from finetune.errors import FinetuneError
 from finetune.files import write_json, write_text
 
 RESAMPLES, SEED, LEVEL = 1000, 0, 0.95
+WILSON = "Wilson score interval (z = 1.96) over the split's examples"
+BOOTSTRAP = f"percentile bootstrap, {RESAMPLES} resamples of the split's examples, numpy default_rng({SEED})"
 RULE = ("the cheapest variant (fewest trainable parameters, then shortest training time) whose metric lies within "
         "the 95% interval of the variant with the best metric")
 
@@ -40,7 +45,7 @@ class Row:
     run_dir: Path
     metric: float
     interval: list | None
-    interval_note: str | None
+    interval_method: str
     examples: int
     trainable: int
     total: int
@@ -71,30 +76,34 @@ def bootstrap(score, n: int, *, resamples: int = RESAMPLES, seed: int = SEED, le
     return [float(low), float(high)]
 
 
-def metric_interval(run_dir: Path, recipe, summary: dict, split: str, name: str) -> tuple[list | None, str | None]:
-    """The bootstrap interval of the run's metric, recomputed from predictions.json; (None, why) when it cannot be."""
+def metric_interval(run_dir: Path, recipe, summary: dict, split: str, name: str) -> tuple[list | None, str]:
+    """The metric's 95% interval and how it was made: Wilson's for accuracy (a share of examples), else the bootstrap
+    recomputed from predictions.json; (None, why) when neither can be made."""
     from finetune import plugins
     from finetune.metrics import Metrics
+    from finetune.reports import wilson_interval
 
     if name == "loss":
-        return None, "predictions.json keeps no per-example loss"
+        return None, "none: predictions.json keeps no per-example loss"
     saved = json.loads((run_dir / "predictions.json").read_text()).get(split) or {}
     predictions, references = saved.get("predictions") or [], saved.get("references") or []
     if not predictions:
-        return None, f"predictions.json holds no {split} predictions"
+        return None, f"none: predictions.json holds no {split} predictions"
+    if name == "accuracy":
+        return list(wilson_interval(summary["metrics"][split][name], len(predictions))), WILSON
     module = (recipe.eval.metrics or plugins.load(plugins.TASKS, recipe.task.name).default_metrics)[0]
     metrics = Metrics([module], summary.get("metric_options") or {})
     try:
         whole = metrics.score(0, predictions, references)
     except FinetuneError as exc:
-        return None, str(exc).split(": ", 1)[-1]
+        return None, "none: " + str(exc).split(": ", 1)[-1]
     if name not in whole or abs(whole[name] - summary["metrics"][split][name]) > 1e-9:
-        return None, f"{module} recomputed from predictions.json does not give metrics.json's {name}"
+        return None, f"none: {module} recomputed from predictions.json does not give metrics.json's {name}"
 
     def score(indices) -> float:
         return metrics.score(0, [predictions[i] for i in indices], [references[i] for i in indices])[name]
 
-    return bootstrap(score, len(predictions)), None
+    return bootstrap(score, len(predictions)), BOOTSTRAP
 
 
 def read_row(variant) -> Row:
@@ -106,7 +115,7 @@ def read_row(variant) -> Row:
     split, name = primary_metric(summary)
     interval, note = metric_interval(variant.run_dir, run.recipe, summary, split, name)
     return Row(name=variant.name, method=variant.method, settings=variant.settings, status=variant.status,
-               run_dir=Path(variant.run_dir), metric=summary["metrics"][split][name], interval=interval, interval_note=note,
+               run_dir=Path(variant.run_dir), metric=summary["metrics"][split][name], interval=interval, interval_method=note,
                examples=summary["split_sizes"].get(split, 0), trainable=summary["parameters"]["trainable"],
                total=summary["parameters"]["total"], train_seconds=summary["train_seconds"],
                peak_memory_mb=summary["peak_memory_mb"], artifact_bytes=directory_bytes(variant.run_dir / "model"),
@@ -150,8 +159,7 @@ def write_report(compare_dir: Path, rows: list[Row], *, recipe_path: str, split:
                 title=f"{metric} against trainable parameters")
     report = {
         "recipe": recipe_path, "split": split, "metric": metric, "higher_is_better": higher,
-        "interval": {"method": "percentile bootstrap over the split's examples", "level": LEVEL, "resamples": RESAMPLES,
-                     "seed": SEED, "rng": "numpy.random.default_rng"},
+        "interval": {"level": LEVEL, "accuracy": WILSON, "other metrics": BOOTSTRAP},
         "cost": "trainable parameters", "rule": RULE, "best": best.name, "best_metric": top.name,
         "pareto_front": [r.name for r in front], "picture": str(picture.relative_to(compare_dir)),
         "variants": [_as_json(r, commands.get(r.name)) for r in rows],
@@ -170,7 +178,7 @@ def _point(row: Row, on_front: bool, chosen: bool) -> dict:
 def _as_json(row: Row, command: str | None) -> dict:
     return {"name": row.name, "method": row.method, "settings": row.settings, "status": row.status,
             "run_dir": str(row.run_dir), "metric": row.metric, "interval": row.interval,
-            "interval_note": row.interval_note, "examples": row.examples, "metrics": row.all_metrics,
+            "interval_method": row.interval_method, "examples": row.examples, "metrics": row.all_metrics,
             "parameters": {"trainable": row.trainable, "total": row.total}, "train_seconds": row.train_seconds,
             "peak_memory_mb": row.peak_memory_mb, "artifact_bytes": row.artifact_bytes, "command": command}
 
@@ -185,7 +193,7 @@ def render(report: dict, rows: list[Row], top: Row, best: Row) -> str:
              f"variant's metrics.json and model/; the metric is {metric} on the {split} split "
              f"({rows[0].examples} examples).", "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        interval = f"{r.interval[0]:.4f} – {r.interval[1]:.4f}" if r.interval else f"none ({r.interval_note})"
+        interval = f"{r.interval[0]:.4f} – {r.interval[1]:.4f}" if r.interval else r.interval_method
         memory = f"{r.peak_memory_mb.get('host', '')} |" + (f" {r.peak_memory_mb.get('gpu', '')} |" if gpu else "")
         lines.append(f"| {r.name} | {r.metric:.4f} | {interval} | {r.trainable:,} | {r.total:,} | {r.train_seconds:g} | "
                      f"{memory} {r.artifact_bytes:,} | {r.status} |")
@@ -194,10 +202,11 @@ def render(report: dict, rows: list[Row], top: Row, best: Row) -> str:
               f"The picture plots {metric} against trainable parameters (log scale), with each variant's 95% interval; "
               f"the line joins the Pareto front ({', '.join(report['pareto_front'])}): the variants no other beats on "
               "both.", "", "## How the numbers were made", "",
-              f"- 95% interval: a percentile bootstrap, {RESAMPLES} resamples of the {split} examples with replacement "
-              f"(numpy `default_rng({SEED})`, the same resamples for every variant), {metric} recomputed on each with "
-              "the run's own metric code and options from predictions.json; the interval is the 2.5th to 97.5th "
-              "percentile.",
+              f"- 95% interval: {rows[0].interval_method}." + (
+                  " Accuracy is a share of examples; Wilson's interval does not collapse at 0 or 1 as a bootstrap does."
+                  if metric == "accuracy" else
+                  f" {metric} is recomputed on each resample (the same resamples for every variant) with the run's own "
+                  "metric code and options, from predictions.json; the interval is the 2.5th to 97.5th percentile."),
               "- Cost: trainable parameters, which do not depend on the machine; training time (training steps only) "
               "and peak memory (of each variant's own process) are shown beside them.",
               "- model/ bytes: the size of the files the variant saved as its model (an adapter for LoRA)."]

@@ -19,7 +19,7 @@ from finetune import testing
 from finetune.cli import main
 from finetune.compare_report import Row, choose, pareto_front
 
-TINY = {"train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "log_every_steps": 4, "seed": 7},
+TINY = {"train": {"max_steps": 8, "batch_size": 16, "lr": 1e-3, "log_every_steps": 4, "seed": 7},
         "eval": {"every_steps": 4}, "checkpoint": {"every_steps": 4}}
 
 
@@ -77,7 +77,7 @@ def test_the_report_holds_the_variants_own_numbers(compared):
         assert variant["peak_memory_mb"] == summary["peak_memory_mb"]
         assert variant["artifact_bytes"] == sum(os.path.getsize(Path(d, f)) for d, _, fs in os.walk(run / "model") for f in fs)
         low, high = variant["interval"]
-        assert low <= variant["metric"] <= high and low < high
+        assert low <= variant["metric"] <= high and low < high  # Wilson's interval does not collapse at 1.0
         row = (f"| {variant['name']} | {variant['metric']:.4f} | {low:.4f} – {high:.4f} | "
                f"{variant['parameters']['trainable']:,} | {variant['parameters']['total']:,} | {variant['train_seconds']:g} | ")
         assert row in markdown
@@ -87,17 +87,41 @@ def test_the_report_holds_the_variants_own_numbers(compared):
     assert (compared / "images" / "pareto.png").stat().st_size > 1000 and "![accuracy" in markdown
 
 
-def test_the_interval_is_the_documented_bootstrap(compared):
-    # By hand: 1000 resamples of the 40 test examples from default_rng(0), accuracy as the share of equal pairs
-    # (numpy, not the metric's scikit-learn code), and the 2.5th / 97.5th percentiles.
-    report = load(compared / "report.json")
-    variant = next(v for v in report["variants"] if v["name"] == "lora-r4")
-    saved = load(compared / "lora-r4" / "predictions.json")["test"]
-    right = np.array(saved["predictions"]) == np.array(saved["references"])
-    assert len(right) == 40 == variant["examples"]
+def test_the_accuracy_interval_is_wilsons(compared):
+    # By hand, from the counts in predictions.json: k of n right, z = 1.96.
+    for variant in load(compared / "report.json")["variants"]:
+        saved = load(compared / variant["name"] / "predictions.json")["test"]
+        n = len(saved["references"])
+        k = sum(p == r for p, r in zip(saved["predictions"], saved["references"]))
+        assert n == 40 == variant["examples"] and variant["metric"] == k / n
+        z, p = 1.96, k / n
+        centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+        assert variant["interval"] == pytest.approx([(centre - half) / (1 + z * z / n), min(1.0, (centre + half) / (1 + z * z / n))],
+                                                    abs=1e-12)
+
+
+def test_another_metric_gets_the_documented_bootstrap(compared):
+    # F1 (the run's second metric, binary) by hand: 1000 resamples of the 40 test examples from default_rng(0),
+    # F1 = 2TP / (2TP + FP + FN) in numpy (not the metric's scikit-learn code), the 2.5th / 97.5th percentiles.
+    from finetune.compare_report import metric_interval
+    from finetune.recipe import load_recipe
+
+    run = compared / "lora-r4"
+    recipe = load_recipe(run / "recipe.yaml", ["eval.metrics=[f1]"], cross_check=False)
+    interval, method = metric_interval(run, recipe, load(run / "metrics.json"), "test", "f1")
+    saved = load(run / "predictions.json")["test"]
+    predicted, truth = np.array(saved["predictions"]), np.array(saved["references"])
     rng = np.random.default_rng(0)
-    values = [right[rng.integers(0, 40, size=40)].mean() for _ in range(1000)]
-    assert variant["interval"] == pytest.approx(list(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+
+    def f1(i):
+        tp = np.sum((predicted[i] == 1) & (truth[i] == 1))
+        wrong = np.sum(predicted[i] != truth[i])
+        return 2 * tp / (2 * tp + wrong) if tp or wrong else 0.0
+
+    values = [f1(rng.integers(0, 40, size=40)) for _ in range(1000)]
+    assert method.startswith("percentile bootstrap, 1000 resamples")
+    assert interval == pytest.approx(list(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+    assert interval[0] <= load(run / "metrics.json")["metrics"]["test"]["f1"] <= interval[1]
 
 
 def test_the_best_variant_follows_the_rule_on_the_reported_numbers(compared):
@@ -112,7 +136,7 @@ def test_the_best_variant_follows_the_rule_on_the_reported_numbers(compared):
 
 def row(name: str, metric: float, trainable: int, interval=None, seconds: float = 1.0) -> Row:
     return Row(name=name, method=name, settings={}, status="", run_dir=Path(name), metric=metric, interval=interval,
-               interval_note=None, examples=40, trainable=trainable, total=1000, train_seconds=seconds,
+               interval_method="", examples=40, trainable=trainable, total=1000, train_seconds=seconds,
                peak_memory_mb={}, artifact_bytes=0)
 
 
@@ -155,10 +179,10 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_variants(tmp_pa
     assert resumed["metrics"] == uninterrupted["metrics"] and resumed["history"] == uninterrupted["history"]
 
     # A changed recipe is refused, naming the variants and the key; --overwrite would rerun them.
-    changed = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--set", "train.lr=0.001")
+    changed = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--set", "train.lr=0.002")
     assert changed.exit_code == 1 and "Traceback" not in changed.output
     assert "feature-extraction (train.lr); lora (train.lr)" in changed.output and "--overwrite" in changed.output
-    planned = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--set", "train.lr=0.001", "--overwrite",
+    planned = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--set", "train.lr=0.002", "--overwrite",
                      "--dry-run")
     assert planned.exit_code == 0 and planned.output.count("rerun (--overwrite)") == 2
     assert files_of(finished) == before
