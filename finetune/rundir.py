@@ -14,6 +14,7 @@
       README.md          the model card
       images/            the card's pictures (training curves, confusion matrix ...)
       samples/           what a generator made for the recipe's prompts (text-to-image), for the card
+      compare/           `finetune compare`: one run directory per variant, report.md, report.json, images/
 
 Nothing is written until the recipe, plugins and data have been checked: bad input leaves an
 existing run directory as it was.
