@@ -9,8 +9,9 @@ variants' run directories alone (metrics.json, predictions.json, model/).
   bootstrap over the split's examples: 1000 resamples with replacement drawn from numpy's `default_rng(0)`, the
   metric recomputed on each by the run's own metric code with the run's metric options (metrics.json
   `metric_options`), and the 2.5th and 97.5th percentiles (numpy's linear interpolation); every variant is scored
-  on the same resamples. A loss, or a metric that ranks scores, has no interval: predictions.json keeps neither
-  per-example losses nor scores.
+  on the same resamples. For the loss (text to image), the same bootstrap of the items-weighted mean of
+  example_losses.json's per-example losses, as the run computed it. A metric that ranks scores (top5_accuracy) has
+  no interval: predictions.json keeps no scores.
 - Cost is the trainable parameters: a property of the variant, where training time and memory move with the
   machine and its load (both are reported too).
 - The best variant is the cheapest (fewest trainable parameters; then training time) whose metric lies within the
@@ -21,6 +22,7 @@ variants' run directories alone (metrics.json, predictions.json, model/).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def metric_interval(run_dir: Path, recipe, summary: dict, split: str, name: str)
     from finetune.reports import wilson_interval
 
     if name == "loss":
-        return None, "none: predictions.json keeps no per-example loss"
+        return loss_interval(run_dir, summary, split)
     saved = json.loads((run_dir / "predictions.json").read_text()).get(split) or {}
     predictions, references = saved.get("predictions") or [], saved.get("references") or []
     if not predictions:
@@ -104,6 +106,20 @@ def metric_interval(run_dir: Path, recipe, summary: dict, split: str, name: str)
         return metrics.score(0, [predictions[i] for i in indices], [references[i] for i in indices])[name]
 
     return bootstrap(score, len(predictions)), BOOTSTRAP
+
+
+def loss_interval(run_dir: Path, summary: dict, split: str) -> tuple[list | None, str]:
+    """The bootstrap interval of the items-weighted loss, from example_losses.json's [loss × items, items] pairs."""
+    import numpy as np
+
+    path = run_dir / "example_losses.json"
+    pairs = np.array(json.loads(path.read_text()).get(split) or [], dtype=float) if path.is_file() else np.zeros((0, 2))
+    if not len(pairs):
+        return None, f"none: the run kept no per-example {split} loss (example_losses.json)"
+    weighted, items = pairs[:, 0], pairs[:, 1]
+    if not math.isclose(weighted.sum() / items.sum(), summary["metrics"][split]["loss"], rel_tol=1e-9):
+        return None, f"none: example_losses.json does not give metrics.json's {split} loss"
+    return bootstrap(lambda i: float(weighted[i].sum() / items[i].sum()), len(pairs)), BOOTSTRAP
 
 
 def read_row(variant) -> Row:
@@ -155,7 +171,7 @@ def write_report(compare_dir: Path, rows: list[Row], *, recipe_path: str, split:
     top, best = choose(rows, higher)
     front = pareto_front(rows, higher)
     picture = compare_dir / "images" / "pareto.png"
-    pareto_plot([_point(r, r in front, r is best) for r in rows], picture, ylabel=f"{split} {metric}",
+    pareto_plot([_point(r, r in front, r is best) for r in rows], picture, ylabel=f"{split} {metric} ({'higher' if higher else 'lower'} is better)",
                 title=f"{metric} against trainable parameters")
     report = {
         "recipe": recipe_path, "split": split, "metric": metric, "higher_is_better": higher,
@@ -205,8 +221,10 @@ def render(report: dict, rows: list[Row], top: Row, best: Row) -> str:
               f"- 95% interval: {rows[0].interval_method}." + (
                   " Accuracy is a share of examples; Wilson's interval does not collapse at 0 or 1 as a bootstrap does."
                   if metric == "accuracy" else
-                  f" {metric} is recomputed on each resample (the same resamples for every variant) with the run's own "
-                  "metric code and options, from predictions.json; the interval is the 2.5th to 97.5th percentile."),
+                  f" {metric} is recomputed on each resample (the same resamples for every variant) "
+                  + ("as the items-weighted mean of example_losses.json" if metric == "loss" else
+                     "with the run's own metric code and options, from predictions.json")
+                  + "; the interval is the 2.5th to 97.5th percentile."),
               "- Cost: trainable parameters, which do not depend on the machine; training time (training steps only) "
               "and peak memory (of each variant's own process) are shown beside them.",
               "- model/ bytes: the size of the files the variant saved as its model (an adapter for LoRA)."]
@@ -218,8 +236,9 @@ def tradeoff(rows: list[Row], top: Row, best: Row, metric: str, split: str) -> s
     if best is top:
         others = [r for r in rows if r is not top]
         cheaper = [r for r in others if r.trainable < top.trainable]
-        tail = (f" Every cheaper variant ({', '.join(r.name for r in cheaper)}) falls outside its interval: the saving "
-                f"costs {metric} the {split} split can tell apart." if cheaper else " No variant is cheaper.")
+        tail = (f" Every cheaper variant ({', '.join(r.name for r in cheaper)}) falls outside its interval: what they "
+                f"save in trainable parameters they lose in {metric} by more than the {split} split's noise explains."
+                if cheaper else " No variant is cheaper.")
         return f"**{best.name}** has the best {metric} ({best.metric:.4f}) and is the cheapest within its interval.{tail}"
     ratio = best.trainable / top.trainable if top.trainable else float("nan")
     interval = f"{top.interval[0]:.4f} – {top.interval[1]:.4f}" if top.interval else "no interval"

@@ -307,6 +307,7 @@ def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | 
     if recipe.writes_merged and method.produces_adapter:
         save_merged(task, method, model, layout.merged)  # the last use of `model`: merging changes it in place
     write_json(layout.predictions, {s: {"predictions": e.predictions, "references": e.references} for s, e in final.items()})
+    write_json(layout.example_losses, {s: e.losses for s, e in final.items()})  # for intervals on the loss (compare)
     write_json(layout.metrics, summary)
     write_card(layout.root)
 

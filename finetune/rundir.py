@@ -10,6 +10,7 @@
       model-merged/      LoRA runs with output.merged: the adapter folded into the base model
       metrics.json       final metrics per split, trainable/total parameters, timings
       predictions.json   final predictions and references per split
+      example_losses.json  per split, each example's [loss × items, items] (the loss is the ratio of their sums)
       evaluations/       `finetune evaluate`'s results on other data, NAME.json each
       README.md          the model card
       images/            the card's pictures (training curves, confusion matrix ...)
@@ -51,6 +52,7 @@ class RunLayout:
         self.merged = root / "model-merged"
         self.metrics = root / "metrics.json"
         self.predictions = root / "predictions.json"
+        self.example_losses = root / "example_losses.json"
         self.card = root / "README.md"
         self.images = root / "images"
         self.samples = root / "samples"

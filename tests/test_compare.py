@@ -199,3 +199,33 @@ def test_user_errors_are_one_paragraph(tmp_path, pretrained_distilbert, sentimen
         result = invoke("compare", recipe, *args)
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_text_to_image_is_compared_on_its_validation_loss(tmp_path):
+    # No metric: the eval loss, with the bootstrap of its items-weighted mean over example_losses.json.
+    sd = testing.tiny_stable_diffusion(tmp_path / "sd")
+    captions = testing.write_captioned_folder(tmp_path / "captions", testing.captioned_images(16, size=24))
+    recipe = testing.write_recipe(tmp_path / "sd.yaml", testing.text_to_image_recipe(
+        sd, captions, tmp_path / "run", "lora"))
+    refused = invoke("compare", recipe, "--methods", "feature-extraction,lora")
+    assert refused.exit_code == 1 and "variant feature-extraction: " in refused.output
+    assert "does not support the method 'feature-extraction'" in refused.output and not (tmp_path / "run").exists()
+
+    result = invoke("compare", recipe, "--methods", "lora,full", "--grid", "method.options.r=2,4")
+    assert result.exit_code == 0, result.output
+    report = load(tmp_path / "run" / "compare" / "report.json")
+    assert (report["metric"], report["split"], report["higher_is_better"]) == ("loss", "eval", False)
+    assert [v["name"] for v in report["variants"]] == ["lora-r2", "lora-r4", "full"]
+    for variant in report["variants"]:
+        run = tmp_path / "run" / "compare" / variant["name"]
+        pairs = np.array(load(run / "example_losses.json")["eval"])
+        assert len(pairs) == variant["examples"] == 4
+        loss = load(run / "metrics.json")["metrics"]["eval"]["loss"]
+        assert variant["metric"] == loss == pytest.approx(pairs[:, 0].sum() / pairs[:, 1].sum(), rel=1e-12)
+        rng = np.random.default_rng(0)
+        draws = [rng.integers(0, 4, size=4) for _ in range(1000)]
+        values = [pairs[i, 0].sum() / pairs[i, 1].sum() for i in draws]
+        assert variant["interval"] == pytest.approx(list(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+    top = min(report["variants"], key=lambda v: v["metric"])
+    within = [v for v in report["variants"] if v["metric"] <= top["interval"][1]]
+    assert report["best"] == min(within, key=lambda v: (v["parameters"]["trainable"], v["train_seconds"]))["name"]
