@@ -229,3 +229,19 @@ def test_text_to_image_is_compared_on_its_validation_loss(tmp_path):
     top = min(report["variants"], key=lambda v: v["metric"])
     within = [v for v in report["variants"] if v["metric"] <= top["interval"][1]]
     assert report["best"] == min(within, key=lambda v: (v["parameters"]["trainable"], v["train_seconds"]))["name"]
+
+
+@pytest.mark.slow
+def test_processes_launch_each_variant_as_finetune_run_does(tmp_path, pretrained_distilbert, sentiment_dir):
+    recipe = write_tiny_recipe(tmp_path, pretrained_distilbert, sentiment_dir)
+    result = invoke("compare", recipe, "--methods", "feature-extraction,lora", "--processes", "2", "--cpu")
+    assert result.exit_code == 0, result.output
+    compare_dir = tmp_path / "run" / "compare"
+    for variant in load(compare_dir / "report.json")["variants"]:
+        assert "--processes 2 --cpu" in variant["command"]
+        checksums = load(compare_dir / variant["name"] / "metrics.json")["rank_checksums"]  # written by 2 ranks only
+        assert len(checksums) == 2 and checksums[0] == checksums[1]
+        # Per-example losses gathered from both ranks, without the examples repeated to fill the last batch.
+        pairs = np.array(load(compare_dir / variant["name"] / "example_losses.json")["test"])
+        loss = load(compare_dir / variant["name"] / "metrics.json")["metrics"]["test"]["loss"]
+        assert len(pairs) == 40 and pairs[:, 0].sum() / pairs[:, 1].sum() == pytest.approx(loss, rel=1e-12)
