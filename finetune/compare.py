@@ -31,7 +31,7 @@ from finetune.errors import FinetuneError
 
 SKIPPED, RESUMED, STARTED, RERUN = "skipped (finished)", "resumed", "started", "rerun (--overwrite)"
 METHOD_OPTIONS = "method.options."
-FORBIDDEN_GRID = {"method.name": "--methods", "output.dir": "--set output.dir (the compare's folder)", "name": "--set name"}
+FORBIDDEN_GRID = {"method.name": "--methods", "output.dir": "--set output.dir=DIR (the compare goes into DIR/compare/)"}
 
 
 @dataclass
@@ -103,7 +103,8 @@ def plan(recipe_path: Path, methods: list[str], grids: list[Grid], overrides: li
             variant = Variant(_name(method, settings, grids), method, settings)
             variant.run_dir = compare_dir / variant.name
             options = {k: v for k, v in given_options.items() if k in declared[method]}
-            variant.overrides = [*overrides, f"method.name={method}",
+            kept = [o for o in overrides if o.partition("=")[0].strip() != "output.dir"]  # the variant has its own
+            variant.overrides = [*kept, f"method.name={method}",
                                  f"method.options={yaml.safe_dump(options, default_flow_style=True, width=10**6).strip()}",
                                  *[f"{k}={v}" for k, v in settings.items()], f"output.dir={variant.run_dir}", "hub.push=false"]
             try:
@@ -132,12 +133,10 @@ def applicability(grids: list[Grid], methods: list[str]) -> list[str]:
 
 
 def _check_overrides(overrides: list[str]) -> None:
+    """`--set output.dir=DIR` moves the whole compare (to DIR/compare/); the method is the compare's to set."""
     for item in overrides:
-        key = item.partition("=")[0].strip()
-        if key == "method.name" or key == "output.dir":
-            raise FinetuneError(f"--set {key}: a compare sets it for each variant; "
-                                + ("name the methods with --methods." if key == "method.name" else
-                                   "set the recipe's output.dir in the recipe itself (the variants go under it, in compare/)."))
+        if item.partition("=")[0].strip() == "method.name":
+            raise FinetuneError("--set method.name: a compare sets it for each variant; name the methods with --methods.")
 
 
 def _option_names(method: str) -> set[str]:

@@ -245,3 +245,19 @@ def test_processes_launch_each_variant_as_finetune_run_does(tmp_path, pretrained
         pairs = np.array(load(compare_dir / variant["name"] / "example_losses.json")["test"])
         loss = load(compare_dir / variant["name"] / "metrics.json")["metrics"]["test"]["loss"]
         assert len(pairs) == 40 and pairs[:, 0].sum() / pairs[:, 1].sum() == pytest.approx(loss, rel=1e-12)
+
+
+def test_image_classification_is_compared_on_accuracy(tmp_path):
+    model = testing.tiny_timm_model(tmp_path / "model", "test_resnet")
+    data = testing.write_image_folder(tmp_path / "colors", {"train": testing.color_images(40, seed=1),
+                                                            "test": testing.color_images(20, seed=2)})
+    recipe = testing.write_recipe(tmp_path / "image.yaml", testing.image_recipe(model, data, tmp_path / "run", "full",
+                                                                                train={"epochs": 2}))
+    result = invoke("compare", recipe, "--methods", "feature-extraction,lora,full")
+    assert result.exit_code == 0, result.output
+    report = load(tmp_path / "run" / "compare" / "report.json")
+    assert (report["metric"], report["split"]) == ("accuracy", "test")
+    for variant in report["variants"]:
+        summary = load(tmp_path / "run" / "compare" / variant["name"] / "metrics.json")
+        assert variant["metric"] == summary["metrics"]["test"]["accuracy"] and variant["examples"] == 20
+        assert variant["parameters"]["trainable"] == summary["parameters"]["trainable"]
