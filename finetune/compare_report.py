@@ -239,6 +239,10 @@ def tradeoff(rows: list[Row], top: Row, best: Row, metric: str, split: str) -> s
         tail = (f" Every cheaper variant ({', '.join(r.name for r in cheaper)}) falls outside its interval: what they "
                 f"save in trainable parameters they lose in {metric} by more than the {split} split's noise explains."
                 if cheaper else " No variant is cheaper.")
+        dearer = [f"{r.name} ({r.metric:.4f}, {r.trainable / max(best.trainable, 1):.1f}× the trainable parameters)"
+                  for r in others if r.trainable >= best.trainable]
+        if dearer:
+            tail += f" The others cost more for no better {metric}: {', '.join(dearer)}."
         return f"**{best.name}** has the best {metric} ({best.metric:.4f}) and is the cheapest within its interval.{tail}"
     ratio = best.trainable / top.trainable if top.trainable else float("nan")
     interval = f"{top.interval[0]:.4f} – {top.interval[1]:.4f}" if top.interval else "no interval"
