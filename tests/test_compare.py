@@ -261,3 +261,19 @@ def test_image_classification_is_compared_on_accuracy(tmp_path):
         summary = load(tmp_path / "run" / "compare" / variant["name"] / "metrics.json")
         assert variant["metric"] == summary["metrics"]["test"]["accuracy"] and variant["examples"] == 20
         assert variant["parameters"]["trainable"] == summary["parameters"]["trainable"]
+
+
+@pytest.mark.parametrize("status, exit_code, message", [
+    (75, 75, "variant feature-extraction was stopped by a signal after a checkpoint. Run the same `finetune compare`"),
+    (1, 1, "variant feature-extraction: `finetune run` ended with status 1"),
+])
+def test_a_stopped_or_failed_variant_ends_the_compare(status, exit_code, message, tmp_path, monkeypatch, distilbert_dir,
+                                                      sentiment_dir):
+    import finetune.compare
+
+    started = []
+    monkeypatch.setattr(finetune.compare, "run_variant", lambda recipe, variant, **kw: started.append(variant.name) or status)
+    recipe = write_tiny_recipe(tmp_path, distilbert_dir, sentiment_dir)
+    result = invoke("compare", recipe, "--methods", "feature-extraction,lora")
+    assert result.exit_code == exit_code and message in result.output and "Traceback" not in result.output
+    assert started == ["feature-extraction"]  # the next variant does not start
