@@ -316,6 +316,34 @@ def check(recipe, overrides, as_json):
     sys.exit(report.exit_code)
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--methods", help="Comma-separated methods to compare (feature-extraction,lora,full); default: the recipe's.")
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2",
+              help="Run each value of a recipe key (repeatable: every combination); a method.options key applies only "
+                   "to the methods that have that option.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--processes", type=click.IntRange(min=1), default=None, help="Processes per variant, as `finetune run --processes`.")
+@click.option("--cpu", is_flag=True, help="Train every variant on the CPU.")
+@click.option("--overwrite", is_flag=True, help="Rerun from scratch the variants whose recipe changed since they ran.")
+@click.option("--dry-run", is_flag=True, help="List the variants, what would happen to each and its command; run nothing.")
+@user_errors
+def compare(recipe, methods, grids, overrides, processes, cpu, overwrite, dry_run):
+    """Run RECIPE once per variant (methods × grid values) into <run dir>/compare/, then write report.md,
+    report.json and a Pareto plot. Finished variants are skipped and interrupted ones resume."""
+    from finetune.compare import Stopped, compare as compare_variants
+
+    chosen = [m.strip() for m in (methods or "").split(",") if m.strip()]
+    try:
+        report = compare_variants(Path(recipe), chosen, list(grids), list(overrides), processes=processes, cpu=cpu,
+                                  overwrite=overwrite, dry_run=dry_run, echo=click.echo)
+    except Stopped as stopped:
+        click.echo(str(stopped), err=True)
+        sys.exit(75)
+    if report is not None:
+        click.echo(f"\nreport: {report}")
+
+
 @main.command(name="plugins")
 def list_plugins():
     """List installed task and method plugins, and any that failed to load."""

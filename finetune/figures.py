@@ -1,4 +1,4 @@
-"""The card's pictures, as PNG files: training curves and a confusion matrix.
+"""The card's pictures, as PNG files: training curves and a confusion matrix; and the Pareto plot of `finetune compare`.
 
 matplotlib's object API (no pyplot): no global state, no display needed. PNGs carry no
 timestamp or version, so regenerating a card rewrites identical files.
@@ -58,6 +58,30 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, tit
         for i, row in enumerate(matrix):
             for j, count in enumerate(row):
                 ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    _save(fig, path)
+
+
+def pareto_plot(points: list[dict], path: Path, *, ylabel: str, title: str) -> None:
+    """`finetune compare`: each variant's metric (with its interval, when it has one) against its trainable
+    parameters on a log axis; the Pareto front joined by a line, the chosen variant ringed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for p in points:
+        low, high = p["interval"] or (p["y"], p["y"])
+        ax.errorbar([p["x"]], [p["y"]], yerr=[[p["y"] - low], [high - p["y"]]], fmt="o", capsize=4,
+                    color="tab:blue" if p["front"] else "tab:gray")
+        ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(6, 6))
+        if p["chosen"]:
+            ax.plot([p["x"]], [p["y"]], "o", markersize=16, markerfacecolor="none", markeredgecolor="tab:red",
+                    label=f"chosen: {p['label']}")
+    front = sorted((p for p in points if p["front"]), key=lambda p: p["x"])
+    ax.plot([p["x"] for p in front], [p["y"] for p in front], "-", color="tab:blue", alpha=0.5, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel="trainable parameters (log scale)", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
     _save(fig, path)
 
 

@@ -278,10 +278,21 @@ def _summary(r: _Run, trained, final: dict) -> dict:
         "peak_memory_mb": peak_memory(r.accelerator),  # this session's, on the main process
         "lr_changes": state.lr_changes,
         "history": state.history,
+        "metric_options": _as_json(r.task.metric_options()),  # what the metrics were given, for `finetune compare`
     }
     if r.accelerator.num_processes > 1 and not is_sharded(r.accelerator):  # shards differ by design
         summary["rank_checksums"] = rank_checksums(r.accelerator, r.accelerator.unwrap_model(trained.model))
     return summary
+
+
+def _as_json(value):
+    """`value` when JSON can hold it, else None (a plugin's metric options of another kind are not recorded)."""
+    import json
+
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
 
 
 def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | None) -> None:
@@ -303,6 +314,7 @@ def _write_outputs(r: _Run, model, final: dict, summary: dict, gathered: dict | 
     if recipe.writes_merged and method.produces_adapter:
         save_merged(task, method, model, layout.merged)  # the last use of `model`: merging changes it in place
     write_json(layout.predictions, {s: {"predictions": e.predictions, "references": e.references} for s, e in final.items()})
+    write_json(layout.example_losses, {s: e.losses for s, e in final.items()})  # for intervals on the loss (compare)
     write_json(layout.metrics, summary)
     write_card(layout.root)
 

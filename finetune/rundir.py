@@ -10,10 +10,12 @@
       model-merged/      LoRA runs with output.merged: the adapter folded into the base model
       metrics.json       final metrics per split, trainable/total parameters, timings
       predictions.json   final predictions and references per split
+      example_losses.json  per split, each example's [loss × items, items] (the loss is the ratio of their sums)
       evaluations/       `finetune evaluate`'s results on other data, NAME.json each
       README.md          the model card
       images/            the card's pictures (training curves, confusion matrix ...)
       samples/           what a generator made for the recipe's prompts (text-to-image), for the card
+      compare/           `finetune compare`: one run directory per variant, report.md, report.json, images/
 
 Nothing is written until the recipe, plugins and data have been checked: bad input leaves an
 existing run directory as it was.
@@ -50,6 +52,7 @@ class RunLayout:
         self.merged = root / "model-merged"
         self.metrics = root / "metrics.json"
         self.predictions = root / "predictions.json"
+        self.example_losses = root / "example_losses.json"
         self.card = root / "README.md"
         self.images = root / "images"
         self.samples = root / "samples"
@@ -72,6 +75,10 @@ class RunLayout:
         """Whether this directory holds a finished run of this very recipe (a requeued job that had ended)."""
         return (self.metrics.is_file() and self.model.exists() and self.recipe.is_file()
                 and not _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml)))
+
+    def changed_keys(self, recipe_yaml: str) -> list[str]:
+        """The recipe keys in which `recipe_yaml` differs from the recipe this directory's run was started with."""
+        return _changed_keys(_normalised(self.recipe), yaml.safe_load(recipe_yaml))
 
     def check_startable(self, recipe_yaml: str, *, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a previous run by accident; raise before anything is written."""

@@ -30,7 +30,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-RUN_OUTPUTS = ("model", "model-merged", "samples", "images", "metrics.json", "predictions.json", "README.md")
+RUN_OUTPUTS = ("model", "model-merged", "samples", "images", "metrics.json", "predictions.json", "example_losses.json", "README.md")
 
 
 def rewind_run(finished: Path, copy: Path, step: int | None = None) -> Path:

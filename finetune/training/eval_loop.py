@@ -20,6 +20,8 @@ class Evaluation:
     metrics: dict
     predictions: list = field(default_factory=list)
     references: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    """Per example, in the predictions' order: [loss × items, items] (on the main process): the loss is their sums' ratio."""
 
 
 def eval_loader(dataset, recipe, task):
@@ -60,11 +62,13 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
                 else:  # a list per example of any length (a sentence's tags): gathered as objects
                     gathered[key] += accelerator.gather_for_metrics(list(out[key]), use_gather_object=True)
 
-    results = [None]
+    results, losses = [None], []
     if accelerator.is_main_process:
         try:
             gathered = _as_lists(gathered, classes)
-            results[0] = _compute(torch.cat(weighted_losses).double().sum(dim=0), gathered, metrics)
+            losses = torch.cat(weighted_losses).double()
+            results[0] = _compute(losses.sum(dim=0), gathered, metrics)
+            losses = losses.tolist()
         except Exception as exc:  # sent to the other ranks too: they must not wait for results that never come
             results[0] = exc
     if accelerator.num_processes > 1:
@@ -73,7 +77,7 @@ def evaluate(accelerator, model, task, dataloader, metrics) -> Evaluation:
         raise results[0]
     if not accelerator.is_main_process:
         return Evaluation(results[0])
-    return Evaluation(results[0], gathered["predictions"], gathered["references"])
+    return Evaluation(results[0], gathered["predictions"], gathered["references"], losses)
 
 
 def _as_lists(gathered: dict, classes: int) -> dict:
