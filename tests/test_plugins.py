@@ -132,7 +132,8 @@ def test_a_plugin_that_inherits_no_base_class_gets_the_optional_defaults():
             self.options = options
 
     assert set(OPTIONAL["task"]) == {"data_facts", "count_items", "metric_options", "write_samples",
-                                     "enable_gradient_checkpointing", "predictor", "load_saved", "export_inputs", "build_skeleton"}
+                                     "enable_gradient_checkpointing", "predictor", "load_saved", "export_inputs", "build_skeleton",
+                                     "audit_input", "audit_label"}
     assert check_plugin(BareTask, "task") == []
     loaded = with_defaults(BareTask, "task")
     assert loaded.__name__ == "BareTask" and loaded.__module__ == __name__ and issubclass(loaded, (BareTask, BaseTask))
