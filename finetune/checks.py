@@ -160,7 +160,7 @@ def run_checks(recipe: Recipe, names: list[str] | None = None, recipe_name: str 
     for name in names or CHECKS:
         module, function = name.split(":")
         check = getattr(importlib.import_module(module), function)
-        title = (check.__doc__ or function).strip().splitlines()[0]
+        title = (check.__doc__ or function).strip().splitlines()[0].split(":")[0].rstrip(".")
         try:
             sections.append(check(context))
         except FinetuneError as exc:

@@ -312,7 +312,7 @@ def check(recipe, overrides, as_json):
     else:
         from rich.console import Console
 
-        report.render(Console(soft_wrap=True))
+        report.render(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160))  # piped: no cut columns
     sys.exit(report.exit_code)
 
 

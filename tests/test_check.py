@@ -60,3 +60,28 @@ def test_fine_grained_and_read_only_tokens(tmp_path, pretrained_distilbert, sent
     assert allowed["facts"]["can_write"] is True and allowed["findings"] == []
     assert "do not include repo.write on test-org" in denied["findings"][0]["message"]
     assert "(the token is read-only)" in read_only["findings"][0]["message"]
+
+
+def test_check_on_every_shipped_recipe_works_offline_or_names_what_needs_the_hub():
+    """Offline (the test environment): the quickstart is checked in full and clean; a recipe whose data or model
+    lives on the Hub is not failed for it: each section it cannot check says what needs the Hub."""
+    from pathlib import Path
+
+    from finetune.checks import WARNINGS_ONLY, run_checks
+    from finetune.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        report = run_checks(load_recipe(path), recipe_name=path.name)
+        errors = [f.message for f in report.findings if f.level == "error"]
+        assert errors == [], (path.name, errors)
+        if path.name == "quickstart.yaml":
+            assert report.exit_code == 0 and not any(s.skipped for s in report.sections if s.title != "Hub push")
+            [data] = [s for s in report.sections if s.title == "Data"]
+            assert [row[:2] for row in data.rows] == [["train", 648], ["eval", 72], ["test", 200]]
+            continue
+        assert report.exit_code == WARNINGS_ONLY, path.name
+        hub_only = [s for s in report.sections if s.skipped and "Hub" in s.skipped and s.title != "Hub push"]
+        assert {s.title for s in hub_only} >= {"Data", "Memory per method"}, (path.name, [s.skipped for s in report.sections])
+        assert all("needs the Hugging Face Hub" in s.skipped or "it needs the Hub" in s.skipped for s in hub_only)
