@@ -68,6 +68,13 @@ def variants(work: Path) -> list[tuple[str, dict, list[str]]]:
         ("FSDP2 LoRA, 1 process", text_recipe(work / "fsdp-lora", "lora", "bf16"),
          ["--accelerate-config", str(CONFIGS / "fsdp-full-shard.yaml"), "--processes", "1"]),
     ]
+    if importlib.util.find_spec("bitsandbytes"):  # QLoRA: method.options.quantize
+        for bits in ("4bit", "8bit"):
+            qlora = text_recipe(work / f"qlora-{bits}", "lora", "bf16")
+            qlora["method"].setdefault("options", {})["quantize"] = bits
+            found.append((f"text QLoRA {bits} bf16", qlora, ddp))
+    else:
+        print("bitsandbytes is not installed: the QLoRA variants are skipped (pip install bitsandbytes)")
     if importlib.util.find_spec("deepspeed"):
         found.append(("DeepSpeed ZeRO-2 full, 1 process", text_recipe(work / "zero2", "full", "bf16"),
                       ["--accelerate-config", str(CONFIGS / "deepspeed-zero2.yaml"), "--processes", "1"]))
