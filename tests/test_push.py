@@ -298,7 +298,9 @@ def test_run_with_hub_push_trains_and_pushes_or_reports_trained(tmp_path, pretra
         assert ok.returncode == 0, ok.stderr
         assert "config.json" in hub.files("test-user/pushed") and hub.repos["test-user/pushed"].private
 
-        failed = finetune("run", recipe("refused"), hub_url=hub.url, home=tmp_path, token="hf_wrong_token")
+        # The token passes the check before training (whoami: write) but the Hub refuses the repo afterwards.
+        hub.fail_next("POST", r"^/api/repos/create$", 403)
+        failed = finetune("run", recipe("refused"), hub_url=hub.url, home=tmp_path)
     assert failed.returncode == 3, failed.stderr
     assert "test: loss" in failed.stdout  # the run's own summary
     assert "The run is trained and saved, but the push did not happen: pushing to test-user/refused failed" in failed.stderr
