@@ -4,10 +4,26 @@ double), and `finetune run` stopping on the fast checks' errors before anything 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from finetune import testing
 from hub_double import HubDouble
 from test_push import TOKEN, finetune
+
+
+def token_access(repo_id: str, hub: HubDouble, home, token: str | None = TOKEN) -> dict:
+    """`hub.token_access` in a fresh interpreter (huggingface_hub reads HF_ENDPOINT at import), without the rest
+    of the check: what the Hub section reports."""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home)}
+    env.pop("HF_TOKEN", None)
+    if token is not None:
+        env["HF_TOKEN"] = token
+    code = ("import dataclasses, json, sys; from finetune.hub import token_access; "
+            "print(json.dumps(dataclasses.asdict(token_access(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, repo_id], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout)
 
 
 def hub_recipe(tmp_path, pretrained_distilbert, sentiment_dir, repo_id: str):
@@ -24,42 +40,40 @@ def hub_section(result) -> dict:
 def test_the_hub_check_names_the_token_that_cannot_write_before_a_run_trains(tmp_path, pretrained_distilbert,
                                                                              sentiment_dir):
     mine = hub_recipe(tmp_path, pretrained_distilbert, sentiment_dir, "test-user/tiny")
-    org = hub_recipe(tmp_path, pretrained_distilbert, sentiment_dir, "test-org/tiny")
     theirs = hub_recipe(tmp_path, pretrained_distilbert, sentiment_dir, "someone-else/tiny")
     with HubDouble(token=TOKEN) as hub:
         ok = finetune("check", mine, "--json", hub_url=hub.url, home=tmp_path)
-        member = finetune("check", org, "--json", hub_url=hub.url, home=tmp_path)
+        member = token_access("test-org/tiny", hub, tmp_path)
         refused = finetune("check", theirs, "--json", hub_url=hub.url, home=tmp_path)
-        no_token = finetune("check", mine, "--json", hub_url=hub.url, home=tmp_path, token=None)
+        no_token = token_access("test-user/tiny", hub, tmp_path, token=None)
         stopped = finetune("run", theirs, hub_url=hub.url, home=tmp_path)
         assert hub.unmatched == [] and {r.path for r in hub.requests} == {"/api/whoami-v2"}  # read only
     assert hub_section(ok)["facts"] == {"user": "test-user", "role": "write", "can_write": True, "problem": None,
                                         "level": "error"}
-    assert hub_section(ok)["findings"] == [] and hub_section(member)["facts"]["can_write"] is True
+    assert hub_section(ok)["findings"] == [] and member["can_write"] is True  # an organisation the user belongs to
     assert refused.returncode == 1
     [finding] = hub_section(refused)["findings"]
     assert finding["level"] == "error" and finding["key"] == "hub.repo_id"
     assert ("the token cannot write to someone-else/tiny (the account test-user is neither someone-else nor a member "
             "of it)") in finding["message"]
-    assert "there is no Hugging Face token" in hub_section(no_token)["findings"][0]["message"]
+    assert "there is no Hugging Face token" in no_token["problem"] and no_token["level"] == "error"
     # `finetune run` runs the fast checks first: it stops before loading a model or writing the run directory.
     assert stopped.returncode == 1 and "the token cannot write to someone-else/tiny" in stopped.stderr
     assert not (tmp_path / "run").exists()
     assert TOKEN not in ok.stdout + refused.stdout + stopped.stderr
 
 
-def test_fine_grained_and_read_only_tokens(tmp_path, pretrained_distilbert, sentiment_dir):
-    recipe = hub_recipe(tmp_path, pretrained_distilbert, sentiment_dir, "test-org/tiny")
+def test_fine_grained_and_read_only_tokens(tmp_path):
     scoped = [{"entity": {"type": "org", "name": "test-org"}, "permissions": ["repo.content.read", "repo.write"]}]
     with HubDouble(token=TOKEN, role="fineGrained", scoped=scoped) as hub:
-        allowed = hub_section(finetune("check", recipe, "--json", hub_url=hub.url, home=tmp_path))
+        allowed = token_access("test-org/tiny", hub, tmp_path)
     with HubDouble(token=TOKEN, role="fineGrained", scoped=[{**scoped[0], "permissions": ["repo.content.read"]}]) as hub:
-        denied = hub_section(finetune("check", recipe, "--json", hub_url=hub.url, home=tmp_path))
+        denied = token_access("test-org/tiny", hub, tmp_path)
     with HubDouble(token=TOKEN, role="read") as hub:
-        read_only = hub_section(finetune("check", recipe, "--json", hub_url=hub.url, home=tmp_path))
-    assert allowed["facts"]["can_write"] is True and allowed["findings"] == []
-    assert "do not include repo.write on test-org" in denied["findings"][0]["message"]
-    assert "(the token is read-only)" in read_only["findings"][0]["message"]
+        read_only = token_access("test-org/tiny", hub, tmp_path)
+    assert allowed["can_write"] is True and allowed["problem"] is None
+    assert denied["can_write"] is False and "do not include repo.write on test-org" in denied["problem"]
+    assert read_only["can_write"] is False and "(the token is read-only)" in read_only["problem"]
 
 
 def test_check_on_every_shipped_recipe_works_offline_or_names_what_needs_the_hub():
