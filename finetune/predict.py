@@ -73,13 +73,11 @@ def run_and_artifact(source: str, *, revision: str | None = None, merged: bool =
         raise FinetuneError(f"{source} is neither a run directory nor a Hub repo id (user/name). Check the path.")
     from finetune.api import Artifact, RunRecord
     from finetune.hub import RECIPE, SUMMARY, download_pushed
-    from finetune.recipe import load_recipe
+    from finetune.rundir import run_recipe
 
     folder, where = download_pushed(source, revision, merged=merged)
     summary = json.loads((folder / SUMMARY).read_text())
-    recipe = load_recipe(folder / RECIPE, cross_check=False)
-    recipe._base_dir = Path(summary["data"].get("recipe_dir", recipe.base_dir))
-    run = RunRecord(root=folder, recipe=recipe, summary=summary, predictions={}, steps=[])
+    run = RunRecord(root=folder, recipe=run_recipe(folder / RECIPE, summary), summary=summary, predictions={}, steps=[])
     return run, Artifact(str(folder / where["subfolder"]), adapter=where["adapter"])
 
 

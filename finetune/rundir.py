@@ -120,7 +120,6 @@ class RunLayout:
 def read_run(root: Path):
     """A finished run, read back from its directory alone (see api.RunRecord)."""
     from finetune.api import RunRecord
-    from finetune.recipe import load_recipe
     from finetune.training.steplog import read_steplog
 
     layout = RunLayout(Path(root))
@@ -138,9 +137,7 @@ def read_run(root: Path):
             f"{layout.root} was made by an earlier finetune version: its metrics.json lacks the data and "
             "environment facts a card needs. Rerun the recipe (with --overwrite) to get a full card."
         )
-    recipe = load_recipe(layout.recipe, cross_check=False)
-    # Relative data and model paths meant the original recipe's folder, not the run directory's copy.
-    recipe._base_dir = Path(summary["data"].get("recipe_dir", recipe.base_dir))
+    recipe = run_recipe(layout.recipe, summary)
     return RunRecord(
         root=layout.root.resolve(),
         recipe=recipe,
@@ -148,6 +145,16 @@ def read_run(root: Path):
         predictions=json.loads(layout.predictions.read_text()),
         steps=read_steplog(layout.steplog) if layout.steplog.is_file() else [],
     )
+
+
+def run_recipe(recipe_file: Path, summary: dict):
+    """A run's recipe copy (its directory's, or a pushed repo's), read as the run read its original: relative data
+    and model paths meant the original recipe's folder, which metrics.json records."""
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(recipe_file, cross_check=False)
+    recipe._base_dir = Path(summary["data"].get("recipe_dir", recipe.base_dir))
+    return recipe
 
 
 def _normalised(recipe_file: Path) -> dict:
